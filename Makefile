@@ -1,0 +1,33 @@
+# LlmMultiChat Fine-Tune Operator — developer entry points.
+# `make demo` runs the whole loop on a local control plane; `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PACKAGES := trainer_image chat_image operator tests/devkit
+REQUIREMENTS := trainer_image/requirements.txt chat_image/requirements.txt operator/requirements.txt requirements-dev.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-unit lint demo cluster-up cluster-down control-plane model bench images kind-e2e clean
+
+venv: $(STAMP)
+
+$(STAMP): constraints.txt $(REQUIREMENTS) $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==26.3
+	$(PY) -m pip install --quiet -c constraints.txt $(foreach r,$(REQUIREMENTS),-r $(r))
+	$(PY) -m pip install --quiet --no-deps $(foreach p,$(PACKAGES),-e $(p))
+	@touch $@
+
+# Every test: unit, integration on the real local control plane, and the demo flow end to end.
+test: venv
+	$(PY) -m pytest
+
+test-unit: venv
+	$(PY) -m pytest -m "not cluster"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+demo: venv
+	$(PY) -m devkit.demo

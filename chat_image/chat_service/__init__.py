@@ -1,0 +1,1 @@
+"""FastAPI character chat service with durable history and per-character LoRA adapters."""

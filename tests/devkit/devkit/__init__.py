@@ -1,0 +1,1 @@
+"""Local harness: embedded model, sample conversations, local control plane and pod runner."""

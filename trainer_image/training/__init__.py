@@ -1,0 +1,1 @@
+"""LoRA trainer for LlmMultiChat characters: collect, Alpaca, train, evaluate, publish."""
