@@ -20,7 +20,7 @@ $(STAMP): constraints.txt $(REQUIREMENTS) $(foreach p,$(PACKAGES),$(p)/pyproject
 	@touch $@
 
 # Every test: unit, integration on the real local control plane, and the demo flow end to end.
-test: venv
+test: venv control-plane
 	$(PY) -m pytest
 
 test-unit: venv
@@ -31,3 +31,14 @@ lint: venv
 
 demo: venv
 	$(PY) -m devkit.demo
+
+# The local Kubernetes control plane (tests/cluster, docs/control-plane.md): built from Go modules into
+# ~/.cache/llmmultichat, run as background processes with state under .cluster/.
+control-plane:
+	@tests/cluster/build.sh >/dev/null
+
+cluster-up: venv control-plane
+	$(PY) -m devkit.cluster up
+
+cluster-down: venv
+	$(PY) -m devkit.cluster down

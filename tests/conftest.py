@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import pytest
+
+if TYPE_CHECKING:
+    from devkit.cluster import Cluster
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -17,3 +23,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if gpu_items:
         config.hook.pytest_deselected(items=gpu_items)
         items[:] = [item for item in items if "gpu" not in item.keywords]
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """The local control plane (tests/cluster): the running one at .cluster/kubeconfig or $KUBECONFIG, else one
+    started for this session and stopped at its end."""
+    from devkit.cluster import cluster_down, ensure_cluster
+
+    running = ensure_cluster()
+    yield running
+    if running.started_here:
+        cluster_down()

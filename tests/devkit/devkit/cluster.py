@@ -1,0 +1,560 @@
+"""A real Kubernetes control plane on this machine: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
+kwok (fake nodes), built from their Go modules by tests/cluster/build.sh and run as background processes.
+
+State lives in `<repo>/.cluster/`: pki/ (CA, serving and client certificates, service-account keys; kept across
+restarts), etcd/ (data), volumes/ (hostPath PersistentVolumes), logs/, state.json (ports and PIDs) and kubeconfig.
+
+CLI: `python -m devkit.cluster up|down|status`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CLUSTER_SRC = REPO_ROOT / "tests" / "cluster"
+STATE_DIR = REPO_ROOT / ".cluster"
+KUBECONFIG = STATE_DIR / "kubeconfig"
+PKI = STATE_DIR / "pki"
+VOLUMES = STATE_DIR / "volumes"
+LOGS = STATE_DIR / "logs"
+STATE_FILE = STATE_DIR / "state.json"
+
+SERVICE_CIDR = "10.96.0.0/16"
+STORAGE_CLASS = "local-hostpath"
+POOL_LABEL = "llmmultichat.io/volume-pool"
+# Available hostPath volumes kept in the pool; Released ones are recycled (wiped and unbound) on every ensure.
+POOL_SIZE = 20
+PV_CAPACITY = "5Gi"
+# Start order; shutdown goes the other way.
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+# Identity (CN, O) of each client certificate. kwok plays every kubelet, so it gets cluster-admin rights rather than
+# per-node credentials.
+CLIENTS = {
+    "admin": ("kubernetes-admin", "system:masters"),
+    "kube-controller-manager": ("system:kube-controller-manager", ""),
+    "kube-scheduler": ("system:kube-scheduler", ""),
+    "kwok": ("kwok-controller", "system:masters"),
+}
+GPU_NODES = ("gpu-node-1", "gpu-node-2")
+CPU_NODES = ("cpu-node-1",)
+GPUS_PER_NODE = 2
+
+
+class ClusterError(RuntimeError):
+    """The local control plane could not be built, started, reached or stopped."""
+
+
+def _log(message: str) -> None:
+    print(f"[cluster] {message}", file=sys.stderr, flush=True)
+
+
+def _versions() -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in (CLUSTER_SRC / "versions.env").read_text().splitlines())
+    return {k.strip(): v.strip() for k, v in (p for p in pairs if len(p) == 2) if not k.startswith("#")}
+
+
+def bin_dir() -> Path:
+    cache = Path(os.environ.get("LLMMULTICHAT_CACHE", Path.home() / ".cache" / "llmmultichat"))
+    return cache / f"k8s-{_versions()['K8S_VERSION']}" / "bin"
+
+
+def build() -> Path:
+    """Builds the control plane into the cache unless it is current (progress goes to stderr); returns the bin dir."""
+    result = subprocess.run(["bash", str(CLUSTER_SRC / "build.sh")], stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise ClusterError(f"building the control plane failed (exit {result.returncode}); see the output above")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def kubectl_path() -> Path:
+    """The kubectl built from the same Kubernetes release as the API server (built on first use)."""
+    path = bin_dir() / "kubectl"
+    return path if path.exists() else build() / "kubectl"
+
+
+@dataclass
+class Cluster:
+    kubeconfig: Path
+    started_here: bool = False
+    env: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        kubectl_dir = str(kubectl_path().parent)
+        self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+                    "PATH": kubectl_dir + os.pathsep + os.environ.get("PATH", "")}
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Runs the pinned kubectl against this cluster; raises ClusterError with its stderr when `check` fails."""
+        cmd = [str(kubectl_path()), "--kubeconfig", str(self.kubeconfig), *args]
+        result = subprocess.run(cmd, input=input, capture_output=True, text=True, env=self.env, timeout=timeout)
+        if check and result.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed (exit {result.returncode}): {result.stderr.strip()}")
+        return result
+
+    def get_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply(self, objects: list[dict[str, Any]] | dict[str, Any], namespace: str | None = None) -> None:
+        items = objects if isinstance(objects, list) else [objects]
+        ns = ["-n", namespace] if namespace else []
+        self.kubectl("apply", *ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+    def create_namespace(self, name: str, timeout: float = 30) -> None:
+        """Creates a namespace (if missing) and waits for its default ServiceAccount, without which pods are refused."""
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        deadline = time.monotonic() + timeout
+        while self.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"namespace {name}: the default ServiceAccount did not appear in {timeout}s")
+            time.sleep(0.2)
+
+    def delete_namespace(self, name: str, wait: bool = False) -> None:
+        self.kubectl("delete", "namespace", name, "--ignore-not-found", f"--wait={str(wait).lower()}")
+
+
+# ---------------------------------------------------------------------------------------------------------- pki
+
+def _openssl(*args: str, input: str | None = None) -> None:
+    result = subprocess.run(["openssl", *args], input=input, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ClusterError(f"openssl {args[0]} failed: {result.stderr.strip()}")
+
+
+def _ec_key(path: Path) -> None:
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path))
+    path.chmod(0o600)
+
+
+def _sign(name: str, subject: str, extensions: str) -> None:
+    key, csr, crt = PKI / f"{name}.key", PKI / f"{name}.csr", PKI / f"{name}.crt"
+    _ec_key(key)
+    _openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
+    ext = PKI / f"{name}.ext"
+    ext.write_text(extensions)
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(PKI / "ca.crt"), "-CAkey", str(PKI / "ca.key"),
+             "-CAcreateserial", "-days", "3650", "-sha256", "-extfile", str(ext), "-out", str(crt))
+    csr.unlink()
+    ext.unlink()
+
+
+def _ensure_pki() -> None:
+    if (PKI / "complete").exists():
+        return
+    _log("generating the CA, serving and client certificates and service-account keys")
+    shutil.rmtree(PKI, ignore_errors=True)
+    PKI.mkdir(parents=True)
+    _ec_key(PKI / "ca.key")
+    _openssl("req", "-x509", "-new", "-key", str(PKI / "ca.key"), "-subj", "/CN=llmmultichat-local-ca",
+             "-days", "3650", "-sha256", "-out", str(PKI / "ca.crt"))
+    sans = ",".join(["IP:127.0.0.1", "IP:10.96.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
+                     "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"])
+    _sign("apiserver", "/CN=kube-apiserver",
+          f"keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName={sans}\n")
+    for name, (cn, org) in CLIENTS.items():
+        subject = f"/CN={cn}" + (f"/O={org}" if org else "")
+        _sign(name, subject, "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n")
+    _ec_key(PKI / "sa.key")
+    _openssl("pkey", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub"))
+    (PKI / "complete").touch()
+
+
+def _kubeconfig(client: str, server: str) -> str:
+    def b64(name: str) -> str:
+        return base64.b64encode((PKI / name).read_bytes()).decode()
+
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "llmmultichat",
+        "clusters": [{"name": "llmmultichat",
+                      "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")}}],
+        "users": [{"name": client, "user": {"client-certificate-data": b64(f"{client}.crt"),
+                                            "client-key-data": b64(f"{client}.key")}}],
+        "contexts": [{"name": "llmmultichat", "context": {"cluster": "llmmultichat", "user": client}}],
+    }
+    return json.dumps(config, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------- processes
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/pid/stat after the command name (state is [0], start time [19])."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid`, which tells a reused PID from ours."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None
+
+
+def _proc_state(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def _alive(proc: dict[str, Any]) -> bool:
+    pid = int(proc["pid"])
+    # Reap it if this Python process started it: an exited child stays a zombie until its parent waits.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    if _start_time(pid) != proc["start_time"]:
+        return False
+    return _proc_state(pid) not in ("Z", "X", None)
+
+
+def _read_state() -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(STATE_FILE.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_state(state: dict[str, Any]) -> None:
+    tmp = STATE_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(STATE_FILE)
+
+
+def _spawn(name: str, argv: list[str], state: dict[str, Any]) -> None:
+    log = (LOGS / f"{name}.log").open("wb")
+    # A session of its own: the component outlives the Python process (pytest, make) that started it.
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=STATE_DIR)
+    log.close()
+    start_time = _start_time(proc.pid)
+    state["processes"][name] = {"pid": proc.pid, "start_time": start_time, "argv": argv}
+    _write_state(state)
+
+
+def _tail(name: str, lines: int = 15) -> str:
+    try:
+        return "\n".join((LOGS / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait(what: str, check: Any, state: dict[str, Any], component: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = state["processes"].get(component)
+        if proc and not _alive(proc):
+            raise ClusterError(f"{component} exited while waiting for {what}; last log lines:\n{_tail(component)}")
+        if check():
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out after {timeout}s waiting for {what}; last log lines of {component}:\n"
+                               f"{_tail(component)}")
+        time.sleep(0.2)
+
+
+def _https_ok(url: str, client: str | None = "admin") -> bool:
+    ctx = ssl.create_default_context(cafile=str(PKI / "ca.crt"))
+    if client:
+        ctx.load_cert_chain(str(PKI / f"{client}.crt"), str(PKI / f"{client}.key"))
+    else:
+        # kube-controller-manager and kube-scheduler serve /healthz with a self-signed certificate of their own.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=2) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _healthy(state: dict[str, Any] | None) -> bool:
+    if not state or set(state.get("processes", {})) != set(COMPONENTS):
+        return False
+    if not all(_alive(p) for p in state["processes"].values()):
+        return False
+    return _https_ok(f"https://127.0.0.1:{state['ports']['apiserver']}/readyz")
+
+
+def _component_args(bins: Path, ports: dict[str, int]) -> dict[str, list[str]]:
+    kubeconfigs = STATE_DIR / "kubeconfigs"
+    etcd_url = f"http://127.0.0.1:{ports['etcd']}"
+    peer_url = f"http://127.0.0.1:{ports['etcd_peer']}"
+    return {
+        "etcd": [
+            str(bins / "etcd"), "--name=local", f"--data-dir={STATE_DIR / 'etcd'}",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=local={peer_url}", "--initial-cluster-state=new",
+            # A throwaway test store: skipping fsync keeps the shared disk out of every API write's latency.
+            "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=2147483648",
+        ],
+        "kube-apiserver": [
+            str(bins / "kube-apiserver"), f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
+            f"--tls-cert-file={PKI / 'apiserver.crt'}", f"--tls-private-key-file={PKI / 'apiserver.key'}",
+            f"--client-ca-file={PKI / 'ca.crt'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={PKI / 'sa.pub'}", f"--service-account-signing-key-file={PKI / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=Node,RBAC",
+            # The default admission chain stays on (defaulting, quota, service accounts, default StorageClass ...);
+            # NodeRestriction is the one kubeadm adds on top.
+            "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true",
+            "--profiling=false", "--v=1",
+        ],
+        "kube-controller-manager": [
+            str(bins / "kube-controller-manager"), f"--kubeconfig={kubeconfigs / 'kube-controller-manager'}",
+            "--bind-address=127.0.0.1", f"--secure-port={ports['controller_manager']}", "--controllers=*",
+            "--use-service-account-credentials=true", f"--service-account-private-key-file={PKI / 'sa.key'}",
+            f"--root-ca-file={PKI / 'ca.crt'}", f"--cluster-signing-cert-file={PKI / 'ca.crt'}",
+            f"--cluster-signing-key-file={PKI / 'ca.key'}", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--leader-elect=false", "--profiling=false", "--v=1",
+        ],
+        "kube-scheduler": [
+            str(bins / "kube-scheduler"), f"--kubeconfig={kubeconfigs / 'kube-scheduler'}",
+            "--bind-address=127.0.0.1", f"--secure-port={ports['scheduler']}",
+            "--leader-elect=false", "--profiling=false", "--v=1",
+        ],
+        "kwok": [
+            str(bins / "kwok"), f"--kubeconfig={kubeconfigs / 'kwok'}",
+            f"--config={CLUSTER_SRC / 'kwok-stages.yaml'}",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            f"--server-address=127.0.0.1:{ports['kwok']}", "--cidr=10.244.0.0/16", "--node-ip=10.0.0.1",
+            "--node-lease-duration-seconds=40",
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- objects
+
+def _node(name: str, gpus: int) -> dict[str, Any]:
+    labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+              "type": "kwok"}
+    resources = {"cpu": "32", "memory": "256Gi", "ephemeral-storage": "1Ti", "pods": "110"}
+    spec: dict[str, Any] = {}
+    if gpus:
+        labels |= {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        resources["nvidia.com/gpu"] = str(gpus)
+        spec["taints"] = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": labels, "annotations": {"kwok.x-k8s.io/node": "fake"}},
+            "spec": spec, "status": {"capacity": resources, "allocatable": resources}}
+
+
+def _storage_class() -> dict[str, Any]:
+    # Static volumes only: the PV controller binds each claim to a pre-created hostPath PV of this class.
+    return {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": STORAGE_CLASS,
+                         "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+            "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "Immediate",
+            "reclaimPolicy": "Retain"}
+
+
+def _volume(index: int) -> dict[str, Any]:
+    path = VOLUMES / f"pv-{index}"
+    path.mkdir(parents=True, exist_ok=True)
+    return {"apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": f"pv-{index}", "labels": {POOL_LABEL: STORAGE_CLASS}},
+            "spec": {"capacity": {"storage": PV_CAPACITY}, "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                     "persistentVolumeReclaimPolicy": "Retain", "storageClassName": STORAGE_CLASS,
+                     "hostPath": {"path": str(path), "type": "DirectoryOrCreate"}}}
+
+
+def refill_volume_pool(cluster: Cluster) -> None:
+    """Keeps POOL_SIZE volumes Available: Released ones (their claim was deleted) are wiped and unbound, new ones are
+    added when claims hold the rest. Retain is the policy so that nothing is deleted behind a test's back while its
+    claim exists; recycling happens only here."""
+    pvs = cluster.get_json("pv", "-l", POOL_LABEL)["items"]
+    for pv in pvs:
+        if pv["status"].get("phase") == "Released":
+            path = Path(pv["spec"]["hostPath"]["path"])
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True, exist_ok=True)
+            cluster.kubectl("patch", "pv", pv["metadata"]["name"], "--type=json",
+                            "-p", '[{"op": "remove", "path": "/spec/claimRef"}]')
+    available = sum(1 for pv in pvs if not pv["spec"].get("claimRef") or pv["status"].get("phase") == "Released")
+    indexes = {int(pv["metadata"]["name"].removeprefix("pv-")) for pv in pvs}
+    wanted = POOL_SIZE - available
+    new, i = [], 1
+    while len(new) < wanted:
+        if i not in indexes:
+            new.append(_volume(i))
+        i += 1
+    if new:
+        cluster.apply(new)
+
+
+# ---------------------------------------------------------------------------------------------------------- up / down
+
+def cluster_up() -> Cluster:
+    """Starts the control plane (building it first if needed) unless it already runs; returns when /readyz is ok and
+    every node is Ready."""
+    state = _read_state()
+    if _healthy(state):
+        _log(f"already running ({KUBECONFIG})")
+        return Cluster(KUBECONFIG)
+    if state:
+        _log("a previous cluster is partly running or broken: stopping it first")
+        cluster_down()
+    bins = build()
+    started = time.monotonic()
+    STATE_DIR.mkdir(exist_ok=True)
+    LOGS.mkdir(exist_ok=True)
+    _ensure_pki()
+    shutil.rmtree(STATE_DIR / "etcd", ignore_errors=True)
+    ports = {name: _free_port() for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler",
+                                             "kwok")}
+    server = f"https://127.0.0.1:{ports['apiserver']}"
+    kubeconfigs = STATE_DIR / "kubeconfigs"
+    kubeconfigs.mkdir(exist_ok=True)
+    for client in CLIENTS:
+        if client != "admin":
+            (kubeconfigs / client).write_text(_kubeconfig(client, server))
+    state = {"ports": ports, "processes": {}, "bin_dir": str(bins)}
+    _write_state(state)
+    args = _component_args(bins, ports)
+
+    _spawn("etcd", args["etcd"], state)
+    _wait("etcd health", lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health"), state, "etcd")
+    _spawn("kube-apiserver", args["kube-apiserver"], state)
+    _wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz"), state, "kube-apiserver")
+    for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
+        _spawn(name, args[name], state)
+    _wait("kube-controller-manager /healthz",
+          lambda: _https_ok(f"https://127.0.0.1:{ports['controller_manager']}/healthz", client=None),
+          state, "kube-controller-manager")
+    _wait("kube-scheduler /healthz",
+          lambda: _https_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz", client=None), state, "kube-scheduler")
+    # The admin kubeconfig appears last: its presence plus live PIDs is what "a cluster runs here" means to others.
+    KUBECONFIG.write_text(_kubeconfig("admin", server))
+    KUBECONFIG.chmod(0o600)
+    cluster = Cluster(KUBECONFIG, started_here=True)
+    cluster.apply([_node(name, GPUS_PER_NODE) for name in GPU_NODES] + [_node(name, 0) for name in CPU_NODES]
+                  + [_storage_class()])
+    refill_volume_pool(cluster)
+    cluster.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=60s")
+    # Pods are refused in a namespace until its default ServiceAccount exists.
+    _wait("the default ServiceAccount", lambda: cluster.kubectl("get", "sa", "default", check=False).returncode == 0,
+          state, "kube-controller-manager")
+    _log(f"control plane ready in {time.monotonic() - started:.1f}s; KUBECONFIG={KUBECONFIG}")
+    return cluster
+
+
+def cluster_down() -> None:
+    """Stops every component this checkout started (by recorded PID and start time, never by name) and removes the
+    cluster's data (etcd, volumes, kubeconfig); certificates are kept for the next start."""
+    state = _read_state() or {"processes": {}}
+    KUBECONFIG.unlink(missing_ok=True)
+    for name in reversed(COMPONENTS):
+        proc = state["processes"].get(name)
+        if not proc or not _alive(proc):
+            continue
+        pid = int(proc["pid"])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while _alive(proc) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(proc):
+            _log(f"{name} (pid {pid}) ignored SIGTERM: killing it")
+            os.kill(pid, signal.SIGKILL)
+            while _alive(proc):
+                time.sleep(0.05)
+        _log(f"stopped {name} (pid {pid})")
+    left = [n for n, p in state["processes"].items() if _alive(p)]
+    if left:
+        raise ClusterError(f"still running after shutdown: {left}")
+    for path in (STATE_DIR / "etcd", VOLUMES, STATE_DIR / "kubeconfigs"):
+        shutil.rmtree(path, ignore_errors=True)
+    STATE_FILE.unlink(missing_ok=True)
+
+
+def _usable(kubeconfig: Path) -> bool:
+    if not kubeconfig.exists():
+        return False
+    probe = subprocess.run([str(kubectl_path()), "--kubeconfig", str(kubeconfig), "get", "--raw", "/readyz"],
+                           capture_output=True, text=True, timeout=20)
+    return probe.returncode == 0
+
+
+def ensure_cluster() -> Cluster:
+    """The cluster at $KUBECONFIG (when set and healthy) or `.cluster/kubeconfig`, else a freshly started one."""
+    env_config = os.environ.get("KUBECONFIG")
+    if env_config and Path(env_config) != KUBECONFIG and _usable(Path(env_config)):
+        return Cluster(Path(env_config))
+    if _healthy(_read_state()) and _usable(KUBECONFIG):
+        cluster = Cluster(KUBECONFIG)
+        refill_volume_pool(cluster)
+        return cluster
+    return cluster_up()
+
+
+def status() -> dict[str, Any]:
+    state = _read_state()
+    if not state:
+        return {"running": False}
+    procs = {name: {"pid": p["pid"], "alive": _alive(p), "rss_mib": _rss_mib(int(p["pid"])) if _alive(p) else None}
+             for name, p in state["processes"].items()}
+    return {"running": _healthy(state), "kubeconfig": str(KUBECONFIG), "ports": state["ports"], "processes": procs,
+            "rss_mib_total": round(sum(p["rss_mib"] or 0 for p in procs.values()), 1)}
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devkit.cluster", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down", "status", "build"])
+    command = parser.parse_args(argv).command
+    try:
+        if command == "up":
+            cluster_up()
+            print(f"export KUBECONFIG={KUBECONFIG}")
+        elif command == "down":
+            cluster_down()
+        elif command == "build":
+            print(build())
+        else:
+            print(json.dumps(status(), indent=2))
+    except ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
