@@ -1,0 +1,116 @@
+"""kopf handlers: thin adapters from kopf's triggers to the controller (which calls the pure functions)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import kopf
+
+from . import metrics
+from .controller import Controller
+from .kube import Kube, KubeError
+from .manifests import LABEL_FINETUNE
+from .settings import Settings
+from .spec import GROUP, PLURAL, VERSION
+
+# Read at import: kopf needs the handlers (and their options) registered before it starts.
+SETTINGS = Settings.from_env()
+# kopf keeps its handler progress and last-handled spec in annotations with this prefix (not kopf's default one),
+# so our bookkeeping is recognisable and cannot collide with another kopf operator's.
+PREFIX = "finetune.llmmultichat.io"
+CFT = (GROUP, VERSION, PLURAL)
+log = logging.getLogger(__name__)
+
+
+def controller(memo: Any) -> Controller:
+    return memo["controller"] if isinstance(memo, dict) else memo.controller
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # kopf's own credential loaders: in a pod the ServiceAccount, elsewhere $KUBECONFIG.
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{PREFIX}/cleanup"
+    if not settings.peering.mandatory:  # `kopf run --peering=NAME` wins over the environment
+        settings.peering.name = SETTINGS.peering_name
+    if settings.peering.priority == 0:
+        # Same-priority peers all pause; a random priority lets exactly one of several replicas work.
+        settings.peering.priority = SETTINGS.peering_priority or random.randint(1, 2**30)
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    memo.controller = Controller(Kube.from_environment(), SETTINGS)
+    metrics.serve(SETTINGS.metrics_port)
+
+
+@kopf.on.resume(*CFT)
+@kopf.on.create(*CFT)
+@kopf.on.update(*CFT)
+def reconcile(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Spec, labels or annotations (e.g. llmmultichat.io/promote) changed, or the operator (re)started."""
+    try:
+        controller(memo).reconcile(namespace, name)
+    except KubeError as exc:
+        metrics.RECONCILE_ERRORS.labels("reconcile").inc()
+        raise kopf.TemporaryError(str(exc), delay=5) from exc
+
+
+@kopf.daemon(*CFT, cancellation_timeout=5.0)
+async def resync(namespace: str, name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
+    """Follows rollouts in flight and re-checks everything now and then (drift, missed events)."""
+    ctl = controller(memo)
+    while not stopped:
+        await stopped.wait(SETTINGS.rollout_poll_seconds)
+        if stopped or not ctl.due(namespace, name):
+            continue
+        try:
+            await asyncio.to_thread(ctl.reconcile, namespace, name)
+        except (KubeError, kopf.TemporaryError) as exc:
+            metrics.RECONCILE_ERRORS.labels("resync").inc()
+            log.warning("resync of %s/%s failed, will retry: %s", namespace, name, exc)
+
+
+@kopf.on.delete(*CFT)
+def cleanup(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        controller(memo).cleanup(body)
+    except KubeError as exc:
+        metrics.RECONCILE_ERRORS.labels("cleanup").inc()
+        raise kopf.TemporaryError(str(exc), delay=5) from exc
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNE: kopf.PRESENT})
+def job_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Training Jobs, scheduled or created by hand (`kubectl create job --from=cronjob/...`). Fires again for every
+    Job on the initial listing after a restart; recording is idempotent per Job UID."""
+    if type == "DELETED":
+        return
+    try:
+        controller(memo).observe_job(body)
+    except KubeError as exc:
+        # Event handlers are not retried by kopf; the periodic resync sweeps the Jobs again.
+        metrics.RECONCILE_ERRORS.labels("job").inc()
+        log.warning("recording Job %s failed, the resync will retry: %s", body.get("metadata", {}).get("name"), exc)
+
+
+@kopf.on.event("batch", "v1", "cronjobs", labels={LABEL_FINETUNE: kopf.PRESENT})
+def cronjob_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Someone edited or deleted our CronJob: put the desired one back."""
+    try:
+        controller(memo).check_cronjob(body, type)
+    except KubeError as exc:
+        metrics.RECONCILE_ERRORS.labels("cronjob").inc()
+        log.warning("restoring CronJob %s failed, the resync will retry: %s", body.get("metadata", {}).get("name"),
+                    exc)
