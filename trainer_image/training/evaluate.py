@@ -1,0 +1,105 @@
+"""Held-out evaluation: token-weighted loss on reply tokens, and a few sample replies for people to read."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .collate import IGNORE_INDEX, tokenize_example
+from .data import PROMPT_TEMPLATE
+from .train import choose_precision, make_collator
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    precision = choose_precision()
+    if device.type == "cuda" and precision != "fp32":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def eval_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping[str, str]],
+    *,
+    max_length: int = 512,
+    batch_size: int = 8,
+    prompt_template: str = PROMPT_TEMPLATE,
+) -> float:
+    """Mean cross-entropy per reply token over all ``records``.
+
+    Weighted by tokens, not by batch, so the number does not depend on the batch size or on how lengths were grouped;
+    base, serving and new adapter are compared on exactly the same tokens.
+    """
+    if not records:
+        raise ValueError("no evaluation records")
+    features = [tokenize_example(r, tokenizer, max_length, prompt_template=prompt_template) for r in records]
+    features.sort(key=lambda f: f["length"])  # similar lengths together: little padding
+    collate = make_collator(tokenizer, max_length)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(features), batch_size):
+            batch = {k: v.to(device) for k, v in collate(features[start : start + batch_size]).items()}
+            with _autocast(device):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            shifted = logits[:, :-1, :].float()
+            targets = batch["labels"][:, 1:]
+            total += F.cross_entropy(
+                shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+            count += int((targets != IGNORE_INDEX).sum().item())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation records have no reply tokens")
+    return total / count
+
+
+@torch.no_grad()
+def sample_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping[str, str]],
+    *,
+    max_new_tokens: int = 40,
+    max_chars: int = 160,
+    prompt_template: str = PROMPT_TEMPLATE,
+) -> list[str]:
+    """Greedy replies (deterministic, so before/after differ only because of the adapter), cut to ``max_chars``."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    replies = []
+    try:
+        for record in records:
+            prompt = prompt_template.format(instruction=record["instruction"], input=record.get("input", ""))
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+            with _autocast(device):
+                out = model.generate(
+                    **ids,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            replies.append(text[:max_chars])
+    finally:
+        model.train(was_training)
+    return replies
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: PreTrainedModel) -> Iterator[None]:
+    """The base model's behaviour, from a peft model, without copying weights."""
+    with model.disable_adapter():  # type: ignore[attr-defined]
+        yield
