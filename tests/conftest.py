@@ -28,10 +28,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """The local control plane (tests/cluster): the running one at .cluster/kubeconfig or $KUBECONFIG, else one
-    started for this session and stopped at its end."""
-    from devkit.cluster import cluster_down, ensure_cluster
+    started for this session and stopped at its end (unless another session still uses it)."""
+    from devkit.cluster import using_cluster
 
-    running = ensure_cluster()
-    yield running
-    if running.started_here:
-        cluster_down()
+    with using_cluster() as running:
+        yield running

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,10 @@ PKI = STATE_DIR / "pki"
 VOLUMES = STATE_DIR / "volumes"
 LOGS = STATE_DIR / "logs"
 STATE_FILE = STATE_DIR / "state.json"
+# Other checkouts' helpers share this tree: starts and stops take STATE_LOCK; every test session (or demo) using the
+# cluster holds USERS_LOCK shared, so the one that started it stops it only when nobody else still uses it.
+STATE_LOCK = STATE_DIR / ".state.lock"
+USERS_LOCK = STATE_DIR / ".users.lock"
 
 SERVICE_CIDR = "10.96.0.0/16"
 STORAGE_CLASS = "local-hostpath"
@@ -414,19 +420,43 @@ def refill_volume_pool(cluster: Cluster) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- up / down
 
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[int]:
+    STATE_DIR.mkdir(exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, mode)
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def cluster_up() -> Cluster:
     """Starts the control plane (building it first if needed) unless it already runs; returns when /readyz is ok and
     every node is Ready."""
+    with _flock(STATE_LOCK, fcntl.LOCK_EX):
+        return _up_locked()
+
+
+def _up_locked() -> Cluster:
     state = _read_state()
     if _healthy(state):
         _log(f"already running ({KUBECONFIG})")
         return Cluster(KUBECONFIG)
     if state:
         _log("a previous cluster is partly running or broken: stopping it first")
-        cluster_down()
+        _down_locked()
     bins = build()
+    try:
+        return _start(bins)
+    except BaseException:
+        _log("start failed: stopping what was started")
+        _down_locked()
+        raise
+
+
+def _start(bins: Path) -> Cluster:
     started = time.monotonic()
-    STATE_DIR.mkdir(exist_ok=True)
     LOGS.mkdir(exist_ok=True)
     _ensure_pki()
     shutil.rmtree(STATE_DIR / "etcd", ignore_errors=True)
@@ -471,6 +501,11 @@ def cluster_up() -> Cluster:
 def cluster_down() -> None:
     """Stops every component this checkout started (by recorded PID and start time, never by name) and removes the
     cluster's data (etcd, volumes, kubeconfig); certificates are kept for the next start."""
+    with _flock(STATE_LOCK, fcntl.LOCK_EX):
+        _down_locked()
+
+
+def _down_locked() -> None:
     state = _read_state() or {"processes": {}}
     KUBECONFIG.unlink(missing_ok=True)
     for name in reversed(COMPONENTS):
@@ -509,11 +544,29 @@ def ensure_cluster() -> Cluster:
     env_config = os.environ.get("KUBECONFIG")
     if env_config and Path(env_config) != KUBECONFIG and _usable(Path(env_config)):
         return Cluster(Path(env_config))
-    if _healthy(_read_state()) and _usable(KUBECONFIG):
-        cluster = Cluster(KUBECONFIG)
-        refill_volume_pool(cluster)
-        return cluster
-    return cluster_up()
+    with _flock(STATE_LOCK, fcntl.LOCK_EX):
+        if _healthy(_read_state()) and _usable(KUBECONFIG):
+            cluster = Cluster(KUBECONFIG)
+            refill_volume_pool(cluster)
+            return cluster
+        return _up_locked()
+
+
+@contextlib.contextmanager
+def using_cluster() -> Iterator[Cluster]:
+    """`ensure_cluster()` for the length of a session (a test run, the demo). A cluster this session started is
+    stopped at its end, unless another session still uses it — then the last one to need it leaves it running."""
+    with _flock(USERS_LOCK, fcntl.LOCK_SH) as users:
+        cluster = ensure_cluster()
+        yield cluster
+        if not cluster.started_here:
+            return
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log("another session still uses the cluster: leaving it running (make cluster-down stops it)")
+            return
+        cluster_down()
 
 
 def status() -> dict[str, Any]:
