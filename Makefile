@@ -29,7 +29,7 @@ test-unit: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-demo: venv
+demo: venv control-plane
 	$(PY) -m devkit.demo
 
 # The local Kubernetes control plane (tests/cluster, docs/control-plane.md): built from Go modules into
@@ -42,3 +42,13 @@ cluster-up: venv control-plane
 
 cluster-down: venv
 	$(PY) -m devkit.cluster down
+
+# Container images, where a Docker engine exists (not on CI here: see README).
+IMAGE_TAG ?= 4.0.0
+images:
+	docker build -f trainer_image/Dockerfile -t llmmultichat/trainer:$(IMAGE_TAG) .
+	docker build -f chat_image/Dockerfile -t llmmultichat/chat:$(IMAGE_TAG) .
+	docker build -f operator/Dockerfile -t llmmultichat/operator:$(IMAGE_TAG) .
+
+kind-e2e: venv images
+	tests/kind/e2e.sh
