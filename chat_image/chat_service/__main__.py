@@ -1,0 +1,25 @@
+"""`python -m chat_service --host H --port P`: serve the app with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from .app import create_app
+from .config import parse_args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, host, port = parse_args(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    # One worker: the model lives in this process; scale out with replicas (and PostgreSQL), not workers.
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), proxy_headers=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The model: one base causal LM in memory plus one named PEFT LoRA adapter per character.
+
+Adapter selection (`set_adapter` / `disable_adapter`) is state of the shared model object, so one lock covers
+"select adapter + generate": requests are served one generation at a time, each with the right adapter. Callers run
+`generate` in a worker thread; the event loop never blocks on the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .characters import Character
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nOutput: "
+BASE_VERSION = "base"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+AdapterState = Literal["loaded", "absent", "failed"]
+
+
+@dataclass
+class AdapterStatus:
+    """What a character serves, and if its adapter could not be used, why."""
+
+    character: str
+    state: AdapterState
+    path: Path
+    version: str | None = None
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    reason: str | None = None  # short machine-readable cause, also a metric label
+    error: str | None = None  # the full message for people
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def serving_version(self) -> str:
+        return self.version if self.state == "loaded" and self.version else BASE_VERSION
+
+
+class AdapterError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str
+    content: str
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_version: str
+    finish_reason: Literal["stop", "length"]
+    seconds: float
+
+
+def template_fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+def format_context(turns: Sequence[Turn], max_chars: int) -> str:
+    """The prompt's `input`: earlier turns, one per line as `<role>: <content>`, oldest first.
+
+    Newlines inside a message become spaces so that every line is exactly one turn. Oldest turns are dropped first
+    until the text fits `max_chars`; a single turn longer than the budget is dropped entirely, never cut.
+    """
+    lines = [f"{t.role}: {' '.join(t.content.split())}" for t in turns]
+    kept: list[str] = []
+    size = 0
+    for line in reversed(lines):
+        extra = len(line) + (1 if kept else 0)
+        if size + extra > max_chars:
+            break
+        kept.append(line)
+        size += extra
+    return "\n".join(reversed(kept))
+
+
+def read_manifest(directory: Path, character: str) -> dict[str, Any]:
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise AdapterError("missing_manifest", f"{path} is missing")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError("invalid_manifest", f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise AdapterError("invalid_manifest", f"{path} must hold a JSON object")
+    version = manifest.get("version")
+    if not isinstance(version, str) or not version:
+        raise AdapterError("invalid_manifest", f"{path} has no string 'version'")
+    if manifest.get("character") not in (None, character):
+        raise AdapterError(
+            "wrong_character", f"{path} is for character {manifest.get('character')!r}, mounted for {character!r}"
+        )
+    template = manifest.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
+    if not isinstance(template, str) or "instruction" not in template_fields(template):
+        raise AdapterError("invalid_manifest", f"{path} 'prompt_template' must be a string with {{instruction}}")
+    unknown = template_fields(template) - {"instruction", "input"}
+    if unknown:
+        raise AdapterError("invalid_manifest", f"{path} 'prompt_template' has unknown fields {sorted(unknown)}")
+    return manifest
+
+
+class ModelManager:
+    """Loads the base model and the adapters once, then serves generations."""
+
+    def __init__(self, settings: Settings, characters: dict[str, Character]) -> None:
+        self.settings = settings
+        self.characters = characters
+        self.adapters: dict[str, AdapterStatus] = {}
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device: str = "cpu"
+        self.max_positions: int | None = None
+        self.loaded = False
+        self.load_error: str | None = None
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- loading
+
+    def load(self) -> None:
+        """Load base and adapters. A broken adapter never raises; a base that cannot load does."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        started = time.perf_counter()
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        device = self.settings.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(self.settings.base_model)
+
+        def load_base() -> Any:
+            # bf16 halves GPU memory; CPU kernels are fastest and exact in fp32.
+            dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(self.settings.base_model, dtype=dtype)
+            return model.to(device).eval()
+
+        model = load_base()
+        config = model.config
+        self.max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        for name in self.characters:
+            status, model = self._load_adapter(name, model, load_base)
+            self.adapters[name] = status
+        self.model = model.eval()
+        self.loaded = True
+        log.info(
+            "model %s loaded on %s in %.1fs; adapters: %s",
+            self.settings.base_model,
+            device,
+            time.perf_counter() - started,
+            {n: (s.state, s.version, s.reason) for n, s in self.adapters.items()},
+        )
+
+    def _load_adapter(self, name: str, model: Any, load_base: Any) -> tuple[AdapterStatus, Any]:
+        from peft import PeftConfig, PeftModel
+
+        directory = self.settings.adapters_root / f"lora_{name}"
+        status = AdapterStatus(character=name, state="absent", path=directory)
+        # Kubernetes may leave an empty directory where nothing is mounted: that is "no adapter", not a fault.
+        if not directory.is_dir() or not any(p for p in directory.iterdir() if not p.name.startswith(".")):
+            return status, model
+        try:
+            if not (directory / "adapter_config.json").is_file():
+                raise AdapterError("missing_config", f"{directory}/adapter_config.json is missing")
+            manifest = read_manifest(directory, name)
+            try:
+                json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+                peft_config = PeftConfig.from_pretrained(str(directory))
+            except Exception as exc:
+                raise AdapterError("invalid_config", f"adapter_config.json is not a valid PEFT config: {exc}") from exc
+            if not any((directory / f).is_file() for f in WEIGHT_FILES):
+                raise AdapterError("missing_weights", f"{directory} has none of {', '.join(WEIGHT_FILES)}")
+            status.version = manifest["version"]
+            status.prompt_template = manifest.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
+            for label, recorded in (
+                ("manifest base_model", manifest.get("base_model")),
+                ("adapter_config base_model_name_or_path", peft_config.base_model_name_or_path),
+            ):
+                # Paths differ between trainer and chat pods, so a different name is a warning; shapes decide.
+                if recorded and recorded != self.settings.base_model:
+                    status.warnings.append(f"{label} is {recorded!r}, serving base is {self.settings.base_model!r}")
+            try:
+                if isinstance(model, PeftModel):
+                    model.load_adapter(str(directory), adapter_name=name)
+                else:
+                    model = PeftModel.from_pretrained(model, str(directory), adapter_name=name)
+            except Exception as exc:
+                model = self._discard_adapter(model, name, load_base)
+                raise AdapterError("incompatible", f"cannot load adapter onto the base model: {exc}") from exc
+            status.state = "loaded"
+        except AdapterError as exc:
+            status.state = "failed"
+            status.version = None
+            status.prompt_template = DEFAULT_PROMPT_TEMPLATE
+            status.reason = exc.reason
+            status.error = str(exc)
+            log.error("adapter for %s not used, serving base: %s", name, exc)
+        return status, model
+
+    def _discard_adapter(self, model: Any, name: str, load_base: Any) -> Any:
+        """Remove a half-loaded adapter so that it cannot leak into other characters' generations."""
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            if name in model.peft_config:
+                model.delete_adapter(name)
+            return model
+        # PeftModel.from_pretrained failed on a plain model: it may already have injected LoRA layers into it,
+        # so the only safe state is a fresh base.
+        return load_base()
+
+    # ---------------------------------------------------------------- generation
+
+    def adapter_for(self, character: str) -> AdapterStatus:
+        return self.adapters.get(character) or AdapterStatus(
+            character=character, state="absent", path=self.settings.adapters_root / f"lora_{character}"
+        )
+
+    def build_prompt(self, character: str, instruction: str, context: Sequence[Turn]) -> list[int]:
+        """Token ids of the prompt, bounded to `max_prompt_tokens`.
+
+        Rule: drop context turns oldest first until the prompt fits; if the prompt without context still does not
+        fit, keep its last `max_prompt_tokens` tokens (the end of the message and the "Output: " cue).
+        """
+        status = self.adapter_for(character)
+        limit = self.settings.max_prompt_tokens
+        turns = list(context)
+        while True:
+            text = status.prompt_template.format(
+                instruction=instruction, input=format_context(turns, self.settings.context_chars)
+            )
+            ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= limit or not turns:
+                return ids[-limit:]
+            turns = turns[1:]
+
+    def generate(
+        self,
+        character: str,
+        instruction: str,
+        context: Sequence[Turn] = (),
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        streamer: Any = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        if not self.loaded:
+            raise RuntimeError("model is not loaded")
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+                return cancel is not None and cancel.is_set()
+
+        prompt_ids = self.build_prompt(character, instruction, context)
+        max_new = max(1, min(max_tokens, self.settings.max_tokens_limit))
+        if self.max_positions:
+            # Positions beyond the model's window would crash or degrade; keep room for the reply.
+            max_new = max(1, min(max_new, self.max_positions // 2))
+            prompt_ids = prompt_ids[-(self.max_positions - max_new) :]
+        status = self.adapter_for(character)
+        input_ids = torch.tensor([prompt_ids], device=self.device)
+        eos = self.tokenizer.eos_token_id
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "max_new_tokens": max_new,
+            "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
+            "eos_token_id": eos,
+            "stopping_criteria": StoppingCriteriaList([_Cancelled()]),
+        }
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        with self._lock, torch.inference_mode():
+            started = time.perf_counter()
+            with self._adapter_context(character, status):
+                output = self.model.generate(**kwargs)
+            seconds = time.perf_counter() - started
+        new_ids = output[0, len(prompt_ids) :].tolist()
+        stopped = bool(new_ids) and eos is not None and new_ids[-1] == eos
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        return GenerationResult(
+            text=text,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(new_ids),
+            adapter_version=status.serving_version,
+            finish_reason="stop" if stopped or (cancel is not None and cancel.is_set()) else "length",
+            seconds=seconds,
+        )
+
+    def _adapter_context(self, character: str, status: AdapterStatus) -> AbstractContextManager[Any]:
+        """Caller holds the lock. Select the character's adapter, or switch all adapters off for base."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            return nullcontext()
+        if status.state == "loaded":
+            self.model.set_adapter(character)
+            return nullcontext()
+        return self.model.disable_adapter()
+
+    def stream(
+        self,
+        character: str,
+        instruction: str,
+        context: Sequence[Turn] = (),
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+    ) -> StreamHandle:
+        """Generate in a background thread and hand out the text as it is produced (see StreamHandle)."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        handle = StreamHandle(pieces=iter(streamer))
+
+        def run() -> None:
+            try:
+                handle.result = self.generate(
+                    character,
+                    instruction,
+                    context,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    streamer=streamer,
+                    cancel=handle.cancel,
+                )
+            except BaseException as exc:
+                handle.error = exc
+                log.exception("streamed generation for %s failed", character)
+            finally:
+                # On failure generate() never ended the streamer; a stop signal unblocks the reader either way.
+                streamer.text_queue.put(streamer.stop_signal)
+
+        handle.thread = threading.Thread(target=run, name=f"generate-{character}", daemon=True)
+        handle.thread.start()
+        return handle
+
+
+@dataclass
+class StreamHandle:
+    """A generation running in its own thread.
+
+    Iterate `pieces` for the text; when it ends, `finish()` waits for the thread and returns the result (or raises
+    its error). Setting `cancel` (the client went away) stops generation at the next token.
+    """
+
+    pieces: Iterator[str]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+    def finish(self) -> GenerationResult:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result

@@ -1,0 +1,140 @@
+"""Request and response bodies (they are also the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+SESSION_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    character: str = Field(description="character name, see GET /v1/characters", examples=["lumina"])
+    session_id: str | None = Field(
+        None, pattern=SESSION_PATTERN, description="conversation id; omitted → a new session is started"
+    )
+    message: str = Field(min_length=1, description="the user's message (length limit: CHAT_MAX_MESSAGE_CHARS)")
+    max_tokens: int | None = Field(None, ge=1, description="reply length limit; default from the character")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default from the character")
+
+
+class ChatResponse(BaseModel):
+    reply: str
+    message_id: int = Field(description="id of the stored reply; use it for feedback")
+    user_message_id: int
+    session_id: str
+    character: str
+    adapter_version: str = Field(description="adapter version that produced the reply, or 'base'")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message_id: int = Field(ge=1, description="message_id of an assistant reply")
+    feedback: Literal["up", "down"]
+
+
+class FeedbackResponse(BaseModel):
+    message_id: int
+    feedback: Literal["up", "down"]
+    character: str
+    session_id: str
+
+
+class HistoryMessage(BaseModel):
+    id: int
+    session_id: str
+    character: str
+    role: Literal["user", "assistant"]
+    content: str
+    created_at: str = Field(description="RFC 3339, UTC, microseconds", examples=["2026-11-20T10:00:00.123456Z"])
+    feedback: Literal["up", "down"] | None
+
+
+class HistoryPage(BaseModel):
+    messages: list[HistoryMessage]
+    next_cursor: str | None = Field(description="pass back as `cursor` for the next page; null on the last page")
+
+
+class ImportMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str = Field(pattern=SESSION_PATTERN)
+    character: str
+    role: Literal["user", "assistant"]
+    content: str
+    created_at: AwareDatetime = Field(description="RFC 3339 with offset; kept as recorded")
+    feedback: Literal["up", "down"] | None = Field(None, description="assistant messages only")
+
+
+class ImportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ImportMessage] = Field(min_length=1, max_length=1000)
+
+
+class ImportResponse(BaseModel):
+    ids: list[int] = Field(description="the new messages' ids, in request order")
+
+
+class AdapterInfo(BaseModel):
+    state: Literal["loading", "loaded", "absent", "failed"]
+    version: str | None = Field(description="adapter version when loaded")
+    reason: str | None = None
+    error: str | None = None
+    warnings: list[str] = []
+
+
+class CharacterInfo(BaseModel):
+    name: str
+    display_name: str
+    persona: str
+    generation: dict[str, Any]
+    adapter_version: str | None = Field(description="what answers now: adapter version, 'base', or null while loading")
+    adapter: AdapterInfo
+
+
+class CharacterList(BaseModel):
+    characters: list[CharacterInfo]
+
+
+# ---- OpenAI-compatible chat completions (the subset that matters; unknown fields are accepted and ignored).
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content if part.type == "text")
+
+
+class CompletionRequest(BaseModel):
+    # OpenAI clients send many optional parameters; ignoring the ones without meaning here keeps them working.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="the character name", examples=["lumina"])
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream: bool = False
+    user: str | None = Field(None, description="stored as the session id when no X-Session-Id header is sent")

@@ -1,0 +1,257 @@
+"""Fixtures for the chat service tests: a small real model, real LoRA adapters, a real PostgreSQL server and the
+service itself on a real port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+import pytest
+from chat_service.app import create_app
+from chat_service.config import Settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HISTORY_TOKEN = "test-history-token"
+
+
+# ---------------------------------------------------------------- model and adapters
+
+
+def _build_tiny_model(directory: Path) -> None:
+    """A tiny GPT-2 with a byte-level BPE tokenizer: loads with from_pretrained like a real checkpoint."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = ["Instruction: hello\nInput: \nOutput: hi there", "こんにちは、今日はいい天気ですね。", "The sky is blue."]
+    tokenizer.train_from_iterator(corpus * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    config = GPT2Config(
+        vocab_size=len(fast), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    fast.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("base-model")
+    _build_tiny_model(directory)
+    return directory
+
+
+def make_adapter(
+    base_model: Path, root: Path, character: str, version: str, *, seed: int = 1, base_name: str | None = None
+) -> Path:
+    """A real PEFT LoRA adapter (random, non-zero B, so it changes the output) in the contract's mounted layout:
+    <root>/lora_<character>/{adapter_config.json, adapter_model.safetensors, manifest.json}."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=["c_attn"], init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.5)
+    directory = root / f"lora_{character}"
+    directory.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(directory)
+    manifest = {
+        "schema_version": 1,
+        "character": character,
+        "version": version,
+        "base_model": base_name or str(base_model),
+        "prompt_template": "Instruction: {instruction}\nInput: {input}\nOutput: ",
+        "trainer_version": "test",
+        "created_at": "2026-11-26T03:04:05Z",
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def adapter_template(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One trained-looking adapter for lumina, built once; tests copy it."""
+    root = tmp_path_factory.mktemp("adapter-template")
+    return make_adapter(base_model_dir, root, "lumina", "20261126T030000Z")
+
+
+@pytest.fixture
+def adapters_root(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    root.mkdir()
+    return root
+
+
+def mount_adapter(template: Path, root: Path, character: str) -> Path:
+    target = root / f"lora_{character}"
+    shutil.copytree(template, target)
+    return target
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pg_bin() -> Path:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not candidates:
+        pytest.fail("PostgreSQL is not installed (apt-get install postgresql); the store tests need a real server")
+    return candidates[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A private PostgreSQL server for this test session; yields an admin URL without a database name."""
+    bindir = _pg_bin()
+    workdir = Path(tempfile.mkdtemp(prefix="chat-pg-"))
+    data, sockets = workdir / "data", workdir / "sock"
+    sockets.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        # initdb refuses to run as root; the server runs as the postgres system user in a directory it owns.
+        shutil.chown(workdir, "postgres")
+        shutil.chown(sockets, "postgres")
+        workdir.chmod(0o700)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+
+    def run(*args: str) -> None:
+        result = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            pytest.fail(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+    # fsync off: test speed only; durability of acknowledged messages is tested on SQLite with a real kill.
+    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(workdir / "log"), "-w", "-t", "60", "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(
+            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def new_postgres_database(server_url: str) -> str:
+    import psycopg
+
+    name = f"chat_{uuid.uuid4().hex[:12]}"
+    port = server_url.rsplit(":", 1)[1]
+    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{server_url}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'chat.db'}"
+    return new_postgres_database(request.getfixturevalue("postgres_server"))
+
+
+# ---------------------------------------------------------------- the service on a real port
+
+
+@contextmanager
+def serve(settings: Settings, *, wait_ready: bool = True) -> Iterator[str]:
+    """Run create_app(settings) under uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+    import uvicorn
+
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if not thread.is_alive():
+                raise RuntimeError("server thread died during startup")
+            try:
+                response = httpx.get(f"{base}/readyz" if wait_ready else f"{base}/healthz", timeout=5)
+                if response.status_code == 200:
+                    break
+                if response.status_code != 503:
+                    raise RuntimeError(f"unexpected {response.status_code} from the service: {response.text}")
+                body = response.json()
+                if wait_ready and body.get("model", {}).get("error"):
+                    raise RuntimeError(f"model failed to load: {body['model']['error']}")
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("service did not become ready in 120 s")
+            time.sleep(0.05)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture
+def make_settings(base_model_dir: Path, adapters_root: Path, tmp_path: Path) -> Callable[..., Settings]:
+    def factory(**overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "database_url": f"sqlite:///{tmp_path / 'chat.db'}",
+            "base_model": str(base_model_dir),
+            "adapters_root": adapters_root,
+            "history_token": HISTORY_TOKEN,
+            "device": "cpu",
+            "torch_threads": 1,
+        }
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return factory
+
+
+class Kit:
+    """Helpers for the test modules (with --import-mode=importlib, test modules cannot import conftest)."""
+
+    history_token = HISTORY_TOKEN
+    auth: ClassVar[dict[str, str]] = {"Authorization": f"Bearer {HISTORY_TOKEN}"}
+    serve = staticmethod(serve)
+    make_adapter = staticmethod(make_adapter)
+    mount_adapter = staticmethod(mount_adapter)
+    new_postgres_database = staticmethod(new_postgres_database)
+
+
+@pytest.fixture(scope="session")
+def kit() -> type[Kit]:
+    return Kit
