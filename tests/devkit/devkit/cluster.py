@@ -554,19 +554,23 @@ def ensure_cluster() -> Cluster:
 
 @contextlib.contextmanager
 def using_cluster() -> Iterator[Cluster]:
-    """`ensure_cluster()` for the length of a session (a test run, the demo). A cluster this session started is
-    stopped at its end, unless another session still uses it — then the last one to need it leaves it running."""
+    """`ensure_cluster()` for the length of a session (a test run, the demo). A cluster that a session started (not
+    `make cluster-up`) is stopped when the last session using it ends."""
     with _flock(USERS_LOCK, fcntl.LOCK_SH) as users:
         cluster = ensure_cluster()
+        if cluster.started_here:
+            with _flock(STATE_LOCK, fcntl.LOCK_EX):
+                state = _read_state()
+                if state:
+                    _write_state(state | {"started_by_session": True})
         yield cluster
-        if not cluster.started_here:
-            return
         try:
             fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _log("another session still uses the cluster: leaving it running (make cluster-down stops it)")
-            return
-        cluster_down()
+            return  # another session still uses it; the last one out stops it
+        with _flock(STATE_LOCK, fcntl.LOCK_EX):
+            if (_read_state() or {}).get("started_by_session"):
+                _down_locked()
 
 
 def status() -> dict[str, Any]:
