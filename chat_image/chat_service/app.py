@@ -182,7 +182,12 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         description="Character chat with durable history, feedback and per-character LoRA adapters.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # History import carries up to 1000 messages per request, so it gets its own (larger) limit.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        per_path={"/v1/history": settings.max_import_bytes},
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics, skip=lambda path: path == "/metrics")
 
     # ------------------------------------------------------------------ chat
@@ -315,18 +320,23 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
             finished = False
             try:
                 yield chunk({"role": "assistant", "content": ""})
+                # The stored reply is stripped, so the stream drops leading whitespace and holds back trailing
+                # whitespace until more text follows: the streamed text is exactly the stored reply.
                 started = False
+                pending = ""
                 done = object()
                 while True:
                     piece = await run_in_threadpool(next, handle.pieces, done)
                     if piece is done:
                         break
+                    text = pending + piece
                     if not started:
-                        # The stored reply is stripped; strip the stream's start the same way.
-                        piece = piece.lstrip()
-                        started = bool(piece)
-                    if piece:
-                        yield chunk({"content": piece})
+                        text = text.lstrip()
+                        started = bool(text)
+                    visible = text.rstrip()
+                    pending = text[len(visible) :]
+                    if visible:
+                        yield chunk({"content": visible})
                 try:
                     result = await run_in_threadpool(handle.finish)
                     _, reply = await run_in_threadpool(service.record, character, session_id, instruction, result)

@@ -24,6 +24,7 @@ ENV_VARS: dict[str, str] = {
     "device": "CHAT_DEVICE",
     "torch_threads": "CHAT_TORCH_THREADS",
     "max_body_bytes": "CHAT_MAX_BODY_BYTES",
+    "max_import_bytes": "CHAT_MAX_IMPORT_BYTES",
     "max_message_chars": "CHAT_MAX_MESSAGE_CHARS",
     "max_tokens_limit": "CHAT_MAX_TOKENS_LIMIT",
     "max_prompt_tokens": "CHAT_MAX_PROMPT_TOKENS",
@@ -45,6 +46,7 @@ class Settings(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's own")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies above this get 413")
+    max_import_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="body limit of POST /v1/history (import)")
     max_message_chars: int = Field(4000, ge=1, description="longer user messages get 422")
     max_tokens_limit: int = Field(512, ge=1, description="upper bound for a request's max_tokens")
     max_prompt_tokens: int = Field(1024, ge=16, description="prompts are cut to this many tokens, oldest context first")

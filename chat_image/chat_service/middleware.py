@@ -30,25 +30,25 @@ async def _send_json(send: Send, status: int, body: dict[str, object], headers: 
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over `max_bytes` with 413 before the app sees them.
+    """Refuse request bodies over `max_bytes` (or the path's own limit in `per_path`) with 413 before the app
+    sees them.
 
     The declared Content-Length is checked first; then the body is read and counted as it arrives, so a client that
     sends chunked data (no length) or more than it declared is stopped at the limit too. Bodies under the limit are
     buffered (they are small by definition) and replayed to the app unchanged.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        too_large = {
-            "detail": f"request body is larger than the limit of {self.max_bytes} bytes",
-            "limit_bytes": self.max_bytes,
-        }
+        limit = self.per_path.get(scope["path"], self.max_bytes)
+        too_large = {"detail": f"request body is larger than the limit of {limit} bytes", "limit_bytes": limit}
         # The connection cannot be reused with an unread body left on it.
         close = [(b"connection", b"close")]
         for name, value in scope["headers"]:
@@ -58,7 +58,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     await _send_json(send, 400, {"detail": "invalid Content-Length header"}, close)
                     return
-                if declared > self.max_bytes:
+                if declared > limit:
                     await _send_json(send, 413, too_large, close)
                     return
         chunks: list[bytes] = []
@@ -69,7 +69,7 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > limit:
                 await _send_json(send, 413, too_large, close)
                 return
             chunks.append(chunk)

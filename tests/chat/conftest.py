@@ -29,35 +29,12 @@ HISTORY_TOKEN = "test-history-token"
 # ---------------------------------------------------------------- model and adapters
 
 
-def _build_tiny_model(directory: Path) -> None:
-    """A tiny GPT-2 with a byte-level BPE tokenizer: loads with from_pretrained like a real checkpoint."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    corpus = ["Instruction: hello\nInput: \nOutput: hi there", "こんにちは、今日はいい天気ですね。", "The sky is blue."]
-    tokenizer.train_from_iterator(corpus * 20, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    config = GPT2Config(
-        vocab_size=len(fast), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id,
-    )  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    fast.save_pretrained(directory)
-
-
 @pytest.fixture(scope="session")
-def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("base-model")
-    _build_tiny_model(directory)
-    return directory
+def base_model_dir() -> Path:
+    """The project's embedded small model (built once, cached): a real checkpoint loaded with from_pretrained."""
+    from devkit.model import ensure_embedded_model
+
+    return ensure_embedded_model(progress=False)
 
 
 def make_adapter(

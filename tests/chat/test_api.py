@@ -16,7 +16,8 @@ from chat_service.store import encode_cursor
 
 @pytest.fixture
 def base_url(make_settings: Callable[..., Settings], kit) -> Iterator[str]:
-    with kit.serve(make_settings(max_body_bytes=4096, max_message_chars=200)) as base:
+    settings = make_settings(max_body_bytes=4096, max_import_bytes=256 * 1024, max_message_chars=200)
+    with kit.serve(settings) as base:
         yield base
 
 
@@ -199,6 +200,18 @@ def test_history_import(client: httpx.Client, kit) -> None:
         ["body", "messages", 0, "feedback"],
     ]
     assert len(history(client, kit, character="lumina").json()["messages"]) == 2  # nothing half-imported
+
+    # Import has its own body limit (CHAT_MAX_IMPORT_BYTES), larger than the chat limit of this server (4096).
+    many = {"messages": [body["messages"][0] | {"content": "x" * 100}] * 60}
+    response = client.post("/v1/history", json=many, headers=kit.auth)
+    assert response.status_code == 201, response.text
+    assert len(response.json()["ids"]) == 60
+    too_many = {"messages": many["messages"] * 17}
+    response = client.post("/v1/history", json=too_many, headers=kit.auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "messages"]
+    oversize = {"messages": [body["messages"][0] | {"content": "x" * 300}] * 1000}
+    assert client.post("/v1/history", json=oversize, headers=kit.auth).status_code == 413
 
 
 def test_bad_bodies_are_422_naming_the_field(client: httpx.Client) -> None:
