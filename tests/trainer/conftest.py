@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,9 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI, Header, HTTPException, Query, Response
+
+# No model hub here (nor in an air-gapped cluster): a lookup must fail at once instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TOPICS = ["機械学習", "星空", "お茶", "猫", "音楽", "雨の日", "プログラミング", "旅行", "本", "料理",
           "the ocean", "coffee", "mountains", "robots", "dreams", "gardens"]
@@ -238,8 +242,6 @@ def history_server() -> Callable[..., HistoryServer]:
 
 @pytest.fixture
 def subprocess_env(base_model_dir: Path) -> dict[str, str]:
-    import os
-
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     for key in [k for k in env if k.startswith("TRAINER_") or k == "HISTORY_TOKEN"]:

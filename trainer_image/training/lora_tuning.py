@@ -57,11 +57,12 @@ class Terminated(BaseException):
 def detect_target_modules(base_model: str) -> list[str] | None:
     """LoRA target modules for the model's architecture (GPT-2 ``c_attn``, llama-style ``q_proj``/``v_proj``...).
 
-    Reads only the model's config. ``None`` when the architecture is unknown or the config cannot be read
-    (e.g. a hub id while offline): peft then resolves the modules itself once the model is loaded.
+    Reads only the model's config, from a local directory or the hub cache — never the network, so that building a
+    ``LoraConfig`` stays instant offline. ``None`` when the architecture is unknown or the config is not at hand:
+    peft then resolves the modules itself from the loaded model.
     """
     try:
-        model_type = AutoConfig.from_pretrained(base_model).model_type
+        model_type = AutoConfig.from_pretrained(base_model, local_files_only=True).model_type
     except (OSError, ValueError):
         model_type = "gpt2" if "gpt2" in Path(base_model).name.lower() else None
     modules = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
@@ -348,13 +349,18 @@ class CharacterFineTuning:
             path = character_dir(self.output_root, character_name) / self.serving_version
             if (path / "adapter_config.json").is_file():
                 # Loaded next to the new adapter, so the base weights are shared rather than loaded twice.
-                model.load_adapter(str(path), adapter_name="serving")
-                model.set_adapter("serving")
                 try:
-                    serving = eval_loss(model, tokenizer, records, **kwargs)
-                finally:
-                    model.set_adapter("default")
-                    model.delete_adapter("serving")
+                    model.load_adapter(str(path), adapter_name="serving")
+                except Exception as exc:  # a broken or foreign adapter must not cost this month's training
+                    log.warning("serving version %s cannot be loaded (%s); eval_loss_serving stays null",
+                                self.serving_version, exc)
+                else:
+                    model.set_adapter("serving")
+                    try:
+                        serving = eval_loss(model, tokenizer, records, **kwargs)
+                    finally:
+                        model.set_adapter("default")
+                        model.delete_adapter("serving")
             else:
                 log.warning("serving version %s not found at %s; eval_loss_serving stays null",
                             self.serving_version, path)
