@@ -51,8 +51,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    try:
+        metrics.serve(SETTINGS.metrics_port)
+    except OSError as exc:
+        # A taken port is a configuration error: stop instead of retrying forever.
+        raise kopf.PermanentError(f"cannot serve /metrics on port {SETTINGS.metrics_port}: {exc}") from exc
     memo.controller = Controller(Kube.from_environment(), SETTINGS)
-    metrics.serve(SETTINGS.metrics_port)
 
 
 @kopf.on.resume(*CFT)

@@ -65,7 +65,8 @@ class Kube:
     ) -> dict[str, Any]:
         headers = {"Accept": JSON, "Content-Type": content_type}
         params = [(k, str(v).lower() if isinstance(v, bool) else str(v)) for k, v in (query or {}).items()]
-        payload = None if body is None else json.dumps(body)
+        # The REST layer serialises dict bodies as JSON for JSON and YAML content types alike (JSON is YAML).
+        payload = None if body is None else _plain(body)
         method_, url, headers_, _, _ = self.api.param_serialize(
             method, path, query_params=params, header_params=headers, auth_settings=["BearerToken"]
         )
@@ -97,6 +98,11 @@ class Kube:
 
     def merge_patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return self.request("PATCH", path, body=body, content_type=MERGE)
+
+
+def _plain(body: Any) -> Any:
+    # kopf hands us its own Body/Mapping views; the REST layer's json.dumps wants plain dicts and lists.
+    return json.loads(json.dumps(body, default=dict))
 
 
 def _error(status: int, raw: Any, method: str, path: str) -> KubeError:

@@ -4,6 +4,9 @@ test modules marked `cluster`, built on the session `cluster` fixture of tests/c
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,3 +35,32 @@ def spec(spec_dict: dict[str, Any]) -> FineTuneSpec:
 def owner() -> dict[str, Any]:
     return {"apiVersion": "llmmultichat.io/v1alpha1", "kind": "CharacterFineTune",
             "metadata": {"name": "lumina", "namespace": "chat", "uid": "0000-1111"}}
+
+
+# --- cluster fixtures ------------------------------------------------------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).parent))  # `import harness` from the cluster test modules
+
+
+@pytest.fixture(scope="session")
+def crd_installed(cluster: Any) -> Any:
+    import harness
+
+    harness.install_crd(cluster)
+    return cluster
+
+
+@pytest.fixture
+def env(crd_installed: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A namespace with a chat Deployment and the operator running in it (as its ServiceAccount).
+    `@pytest.mark.env(progress_deadline=5)` tunes the Deployment."""
+    import harness
+
+    marker = request.node.get_closest_marker("env")
+    kwargs = dict(marker.kwargs) if marker else {}
+    with harness.environment(crd_installed, tmp_path, **kwargs) as e:
+        yield e
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "env(**kwargs): options of the operator test environment (tests/operator)")
