@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from devkit.cluster import Cluster
 from devkit.podrunner import (
     NEVER_READY_ANNOTATION,
+    PodRunError,
     pvc_local_path,
     release_pod,
     run_pod,
@@ -45,9 +50,10 @@ def container(command: list[str], **extra: Any) -> dict[str, Any]:
 
 
 def job(name: str, spec: dict[str, Any], labels: dict[str, str] | None = None) -> dict[str, Any]:
-    template = {"metadata": {"labels": labels or {"app": name}},
+    labels = labels or {"app": name}
+    template = {"metadata": {"labels": labels},
                 "spec": {"restartPolicy": "Never", "containers": [container(["sleep", "3600"])]} | spec}
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "labels": labels},
             "spec": {"backoffLimit": 0, "template": template}}
 
 
@@ -60,6 +66,20 @@ def job_condition(cluster: Cluster, ns: str, name: str) -> str | None:
 def terminated(cluster: Cluster, ns: str, pod: str) -> dict[str, Any]:
     status = cluster.get_json("pod", pod, "-n", ns)["status"]
     return dict(status["containerStatuses"][0]["state"]["terminated"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ticking_cronjob(cluster: Cluster) -> Iterator[str]:
+    """A `* * * * *` CronJob made before the other tests run, so that its first minute boundary passes meanwhile
+    (its test comes last)."""
+    name = f"cp-cron-{uuid.uuid4().hex[:8]}"
+    cluster.create_namespace(name)
+    template = job("unused", {})["spec"]
+    cluster.apply({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "tick"},
+                   "spec": {"schedule": "* * * * *", "concurrencyPolicy": "Forbid", "jobTemplate": {"spec": template}}},
+                  namespace=name)
+    yield name
+    cluster.delete_namespace(name)
 
 
 def test_nodes_are_ready_with_gpu_capacity(cluster: Cluster) -> None:
@@ -120,28 +140,6 @@ def test_never_ready_pods_keep_a_rollout_unavailable(cluster: Cluster, ns: str) 
     assert cluster.get_json("deployment", "stuck", "-n", ns)["status"].get("availableReplicas", 0) == 0
 
 
-def test_cronjob_spawns_jobs_on_schedule_and_on_demand(cluster: Cluster, ns: str) -> None:
-    template = job("unused", {})["spec"]
-    cluster.apply({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "tick"},
-                   "spec": {"schedule": "* * * * *", "concurrencyPolicy": "Forbid", "jobTemplate": {"spec": template}}},
-                  namespace=ns)
-    cluster.kubectl("create", "job", "now", "--from=cronjob/tick", "-n", ns)
-    owner = cluster.get_json("job", "now", "-n", ns)["metadata"]["ownerReferences"][0]
-    assert (owner["kind"], owner["name"]) == ("CronJob", "tick")
-    pod = wait_for_pod(cluster, ns, "job-name=now")
-    release_pod(cluster, ns, pod, exit_code=0, message="on demand")
-    wait_for("job now to complete", lambda: job_condition(cluster, ns, "now") == "Complete")
-
-    def scheduled() -> list[str]:
-        jobs = cluster.get_json("jobs", "-n", ns)["items"]
-        return [j["metadata"]["name"] for j in jobs if j["metadata"]["name"].startswith("tick-")]
-
-    # The controller creates the first Job at the next minute boundary.
-    names = wait_for("the CronJob to spawn a Job by itself", scheduled, timeout=75)
-    assert cluster.get_json("cronjob", "tick", "-n", ns)["status"].get("lastScheduleTime")
-    wait_for_pod(cluster, ns, f"job-name={names[0]}")
-
-
 @pytest.mark.parametrize(("exit_code", "outcome"), [(0, "Complete"), (3, "Failed")])
 def test_released_job_ends_with_chosen_exit_code_and_message(cluster: Cluster, ns: str, exit_code: int,
                                                              outcome: str) -> None:
@@ -157,6 +155,10 @@ def test_released_job_ends_with_chosen_exit_code_and_message(cluster: Cluster, n
     assert state["exitCode"] == exit_code
     assert state["message"] == message
     assert cluster.get_json("pod", pod, "-n", ns)["status"]["phase"] == ("Succeeded" if exit_code == 0 else "Failed")
+    with pytest.raises(PodRunError, match="already ended"):
+        release_pod(cluster, ns, pod, exit_code=0, message="twice")
+    with pytest.raises(PodRunError, match=r"0\.\.255"):
+        release_pod(cluster, ns, pod, exit_code=256, message="")
 
 
 def test_run_pod_runs_the_container_command_locally(cluster: Cluster, ns: str) -> None:
@@ -243,11 +245,13 @@ def test_deleting_an_owner_garbage_collects_what_it_owns(cluster: Cluster, ns: s
     owned = {"apiVersion": "v1", "kind": "ConfigMap",
              "metadata": {"name": "owned", "ownerReferences": [
                  {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}]}}
-    cluster.apply([owned, deployment("gone", 1)], namespace=ns)
-    wait_for_pod(cluster, ns, "app=gone")
+    cluster.apply([owned, deployment("gone", 1), job("gone-job", {}, labels={"app": "gone"})], namespace=ns)
+    wait_for_pod(cluster, ns, "app=gone,job-name=gone-job")
+    wait_for_pod(cluster, ns, "app=gone,!job-name")
 
     cluster.kubectl("delete", "configmap", "owner", "-n", ns)
-    cluster.kubectl("delete", "deployment", "gone", "-n", ns)
+    # A Job's running pod carries the Job controller's tracking finalizer: it goes only once it has ended.
+    cluster.kubectl("delete", "deployment/gone", "job/gone-job", "-n", ns, "--wait=false")
 
     def collected() -> bool:
         owned_left = cluster.kubectl("get", "configmap", "owned", "-n", ns, check=False)
@@ -255,3 +259,51 @@ def test_deleting_an_owner_garbage_collects_what_it_owns(cluster: Cluster, ns: s
         return "NotFound" in owned_left.stderr and not pods_left
 
     wait_for("the garbage collector to delete the owned objects", collected)
+
+
+def test_cluster_up_twice_is_harmless_and_down_leaves_nothing(tmp_path: Path) -> None:
+    """A second, separate cluster (its own state dir and ports), so the shared one keeps serving other tests."""
+    env = {**os.environ, "LLMMULTICHAT_CLUSTER_DIR": str(tmp_path / "cluster")}
+    env.pop("KUBECONFIG", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "devkit.cluster", *args], env=env, capture_output=True,
+                              text=True, timeout=180, check=True)
+
+    def pids() -> dict[str, int]:
+        return {name: proc["pid"] for name, proc in json.loads(cli("status").stdout)["processes"].items()
+                if proc["alive"]}
+
+    cli("up")
+    try:
+        first = pids()
+        assert set(first) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
+        assert "already running" in cli("up").stderr
+        assert pids() == first
+    finally:
+        cli("down")
+    # Gone, or a zombie whose new parent (the container's init) has not reaped it yet.
+    assert not [pid for pid in first.values()
+                if Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")")[1].split()[0]
+                != "Z"]
+    assert json.loads(cli("status").stdout) == {"running": False}
+    assert not (tmp_path / "cluster" / "etcd").exists() and not (tmp_path / "cluster" / "kubeconfig").exists()
+
+
+def test_cronjob_spawns_jobs_on_schedule_and_on_demand(cluster: Cluster, ticking_cronjob: str) -> None:
+    ns = ticking_cronjob
+    cluster.kubectl("create", "job", "now", "--from=cronjob/tick", "-n", ns)
+    owner = cluster.get_json("job", "now", "-n", ns)["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"]) == ("CronJob", "tick")
+    pod = wait_for_pod(cluster, ns, "job-name=now")
+    release_pod(cluster, ns, pod, exit_code=0, message="on demand")
+    wait_for("job now to complete", lambda: job_condition(cluster, ns, "now") == "Complete")
+
+    def scheduled() -> list[str]:
+        jobs = cluster.get_json("jobs", "-n", ns)["items"]
+        return [j["metadata"]["name"] for j in jobs if j["metadata"]["name"].startswith("tick-")]
+
+    # The controller creates the first Job at the first minute boundary after the CronJob was made.
+    names = wait_for("the CronJob to spawn a Job by itself", scheduled, timeout=75)
+    assert cluster.get_json("cronjob", "tick", "-n", ns)["status"].get("lastScheduleTime")
+    wait_for_pod(cluster, ns, f"job-name={names[0]}")

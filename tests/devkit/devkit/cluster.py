@@ -31,13 +31,14 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CLUSTER_SRC = REPO_ROOT / "tests" / "cluster"
-STATE_DIR = REPO_ROOT / ".cluster"
+# $LLMMULTICHAT_CLUSTER_DIR runs a second, separate cluster (the lifecycle test uses it to leave the shared one be).
+STATE_DIR = Path(os.environ.get("LLMMULTICHAT_CLUSTER_DIR") or REPO_ROOT / ".cluster")
 KUBECONFIG = STATE_DIR / "kubeconfig"
 PKI = STATE_DIR / "pki"
 VOLUMES = STATE_DIR / "volumes"
 LOGS = STATE_DIR / "logs"
 STATE_FILE = STATE_DIR / "state.json"
-# Other checkouts' helpers share this tree: starts and stops take STATE_LOCK; every test session (or demo) using the
+# Several helpers share this tree: starts and stops take STATE_LOCK; every test session (or demo) using the
 # cluster holds USERS_LOCK shared, so the one that started it stops it only when nobody else still uses it.
 STATE_LOCK = STATE_DIR / ".state.lock"
 USERS_LOCK = STATE_DIR / ".users.lock"
