@@ -6,6 +6,11 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/versions.env"
 export PATH="/usr/local/go/bin:$PATH"
+if ! command -v go >/dev/null; then
+  echo "error: the Go toolchain is needed to build the control plane (go 1.26+, or any go >= 1.21 that may fetch" \
+    "go1.26 through the module proxy: GOTOOLCHAIN=auto)" >&2
+  exit 1
+fi
 export GOFLAGS="-trimpath -buildvcs=false -mod=readonly"
 cache="${LLMMULTICHAT_CACHE:-$HOME/.cache/llmmultichat}/k8s-${K8S_VERSION}"
 bin="$cache/bin"

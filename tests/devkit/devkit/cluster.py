@@ -543,7 +543,7 @@ def _usable(kubeconfig: Path) -> bool:
 def ensure_cluster() -> Cluster:
     """The cluster at $KUBECONFIG (when set and healthy) or `.cluster/kubeconfig`, else a freshly started one."""
     env_config = os.environ.get("KUBECONFIG")
-    if env_config and Path(env_config) != KUBECONFIG and _usable(Path(env_config)):
+    if env_config and Path(env_config).resolve() != KUBECONFIG.resolve() and _usable(Path(env_config)):
         return Cluster(Path(env_config))
     with _flock(STATE_LOCK, fcntl.LOCK_EX):
         if _healthy(_read_state()) and _usable(KUBECONFIG):

@@ -302,8 +302,13 @@ def _prepare(cluster: Cluster, namespace: str, pod_name: str, env_overrides: dic
     sandbox = Path(tempfile.mkdtemp(prefix=f"podrunner-{namespace}-{pod_name}-"))
     try:
         sources = _volume_sources(cluster, pod, sandbox, refs)
-        mount_paths: list[str] = []
-        for mount in container.get("volumeMounts") or []:
+        mounts = container.get("volumeMounts") or []
+        mount_paths = [m["mountPath"].rstrip("/") for m in mounts]
+        nested = [(a, b) for a in mount_paths for b in mount_paths if b.startswith(a + "/")]
+        if nested:
+            # <sandbox>/<outer> is a link into a volume: the inner link would be written into that volume.
+            raise PodRunError(f"pod {namespace}/{pod_name}: nested mounts {nested} are not supported by the runner")
+        for mount in mounts:
             if mount["name"] not in sources:
                 raise PodRunError(f"volumeMount {mount['name']!r} names no volume of the pod")
             target = sources[mount["name"]] / mount.get("subPath", "")
@@ -312,7 +317,6 @@ def _prepare(cluster: Cluster, namespace: str, pod_name: str, env_overrides: dic
             link = sandbox / mount["mountPath"].lstrip("/")
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(target)
-            mount_paths.append(mount["mountPath"])
         termination_path = container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
         termination_file = sandbox / termination_path.lstrip("/")
         termination_file.parent.mkdir(parents=True, exist_ok=True)
