@@ -512,8 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         eval_fraction=args.eval_fraction,
     )
     exit_code: int | None = None
+    epochs = int(args.epochs) if float(args.epochs).is_integer() else args.epochs
     try:
-        report = tuner.run(args.character, args.epochs, args.batch_size, days=args.days)
+        report = tuner.run(args.character, epochs, args.batch_size, days=args.days)
     except InsufficientDataError as exc:
         log.warning("skipped: %s", exc)
         result = Result("skipped", args.character, serving_version=args.serving_version,
@@ -539,7 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             examples={"pairs": report.pairs, "train": report.train_examples, "eval": report.eval_examples},
             metrics=report.metrics,
         )
-    emit(result, args.result_file)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here; one result for the job
+        emit(result, args.result_file)
     return exit_code if exit_code is not None else result.exit_code
 
 
