@@ -19,8 +19,9 @@ from typing import Any
 import kopf
 
 from . import metrics
-from .kube import Kube, KubeError, cft_path, cronjob_path, deployment_path, jobs_path, pods_path
+from .kube import Kube, KubeError, cft_path, cronjob_path, deployment_path, job_path, jobs_path, pods_path
 from .manifests import (
+    ANNOTATION_RECORDED,
     FIELD_MANAGER,
     LABEL_FINETUNE,
     build_cronjob,
@@ -114,7 +115,7 @@ class Controller:
         jobs = self.kube.list(jobs_path(meta["namespace"]), label_selector=f"{LABEL_FINETUNE}={meta['name']}")
         for job in sorted(jobs, key=lambda j: j["metadata"].get("creationTimestamp") or ""):
             state = job_state(job)
-            if state is not None and not recorded(status, job["metadata"]["uid"]):
+            if state is not None and not recorded(status, job):
                 return self._record(cr, job, state)
         active = (status.get("activeRun") or {}).get("job")
         if active and not any(j["metadata"]["name"] == active and job_is_active(j) for j in jobs):
@@ -271,8 +272,7 @@ class Controller:
 
     def _note_active(self, cr: Mapping[str, Any], job: Mapping[str, Any]) -> None:
         status = dict(cr.get("status") or {})
-        uid = job["metadata"]["uid"]
-        if not job_is_active(job) or recorded(status, uid):
+        if not job_is_active(job) or recorded(status, job):
             return
         if (status.get("activeRun") or {}).get("job") == job["metadata"]["name"]:
             return
@@ -285,7 +285,8 @@ class Controller:
     def _record(self, cr: Mapping[str, Any], job: Mapping[str, Any], state: str) -> bool:
         status = dict(cr.get("status") or {})
         job_meta = job["metadata"]
-        if recorded(status, job_meta["uid"]):
+        if recorded(status, job):
+            self._mark(job, cr)  # recorded before a crash, not marked yet
             return False
         namespace = job_meta["namespace"]
         pods = self.kube.list(pods_path(namespace),
@@ -312,7 +313,19 @@ class Controller:
         metrics.RUNS.labels(meta["namespace"], meta["name"], record["outcome"]).inc()
         if result.outcome == "trained":
             metrics.LAST_SUCCESS.labels(meta["namespace"], meta["name"]).set(time.time())
+        self._mark(job, cr)
         return True
+
+    def _mark(self, job: Mapping[str, Any], cr: Mapping[str, Any]) -> None:
+        meta = job["metadata"]
+        if ANNOTATION_RECORDED in (meta.get("annotations") or {}):
+            return
+        try:
+            self.kube.merge_patch(job_path(meta["namespace"], meta["name"]), {"metadata": {
+                "uid": meta["uid"], "annotations": {ANNOTATION_RECORDED: cr["metadata"]["name"]}}})
+        except KubeError as exc:
+            if exc.status not in (404, 409):  # gone or replaced: nothing left to mark
+                raise
 
     # --- deletion ------------------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import kopf
 from . import metrics
 from .controller import Controller
 from .kube import Kube, KubeError
-from .manifests import LABEL_FINETUNE
+from .manifests import ANNOTATION_RECORDED, LABEL_FINETUNE
 from .settings import Settings
 from .spec import GROUP, PLURAL, VERSION
 
@@ -95,10 +95,11 @@ def cleanup(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         raise kopf.TemporaryError(str(exc), delay=5) from exc
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNE: kopf.PRESENT})
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNE: kopf.PRESENT},
+               annotations={ANNOTATION_RECORDED: kopf.ABSENT})
 def job_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     """Training Jobs, scheduled or created by hand (`kubectl create job --from=cronjob/...`). Fires again for every
-    Job on the initial listing after a restart; recording is idempotent per Job UID."""
+    Job on the initial listing after a restart; recording is idempotent (the status, then a mark on the Job)."""
     if type == "DELETED":
         return
     try:

@@ -143,6 +143,10 @@ def jobs_path(namespace: str) -> str:
     return f"/apis/batch/v1/namespaces/{_q(namespace)}/jobs"
 
 
+def job_path(namespace: str, name: str) -> str:
+    return f"{jobs_path(namespace)}/{_q(name)}"
+
+
 def deployment_path(namespace: str, name: str) -> str:
     return f"/apis/apps/v1/namespaces/{_q(namespace)}/deployments/{_q(name)}"
 

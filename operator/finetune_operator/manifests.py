@@ -21,6 +21,9 @@ LABEL_CHARACTER = "llmmultichat.io/character"
 # Contract §5: a person approves a version with `promotion: Manual`.
 ANNOTATION_PROMOTE = "llmmultichat.io/promote"
 ANNOTATION_ADAPTER_PREFIX = "llmmultichat.io/adapter-"
+# Set on a training Job once its result is recorded in the resource's status. status.history is bounded, so it alone
+# cannot remember every Job still in the cluster (Jobs created by hand outlive the CronJob's history limits).
+ANNOTATION_RECORDED = "finetune.llmmultichat.io/recorded"
 
 TRAINER_CONTAINER = "trainer"
 ADAPTER_ROOT = "/adapters"

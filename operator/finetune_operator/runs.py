@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .manifests import TRAINER_CONTAINER
+from .manifests import ANNOTATION_RECORDED, TRAINER_CONTAINER
 
 JobState = Literal["Complete", "Failed"]
 Verdict = Literal["promote", "reject", "await", "none"]
@@ -212,10 +212,15 @@ def job_finished_at(job: Mapping[str, Any], fallback: str) -> str:
     return fallback
 
 
-def recorded(status: Mapping[str, Any], job_uid: str) -> bool:
-    """Was this Job already recorded? (status.history holds more runs than the CronJob keeps Jobs.)"""
+def recorded(status: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
+    """Was this Job already recorded? Its mark says so; the status says so for the window between writing the
+    status and marking the Job (a crash there must not record it twice)."""
+    meta = job.get("metadata") or {}
+    if ANNOTATION_RECORDED in (meta.get("annotations") or {}):
+        return True
+    uid = meta.get("uid")
     last = status.get("lastRun") or {}
-    return last.get("jobUID") == job_uid or any(r.get("jobUID") == job_uid for r in status.get("history") or ())
+    return last.get("jobUID") == uid or any(r.get("jobUID") == uid for r in status.get("history") or ())
 
 
 def _number(value: Any) -> float | None:

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "characterfinetune.yaml"
 RBAC = REPO / "deploy" / "operator" / "rbac.yaml"
 T = TypeVar("T")
-__all__ = ["NEVER_READY_ANNOTATION", "Env", "OperatorProcess", "install_crd", "trained", "wait_until"]
+__all__ = ["NEVER_READY_ANNOTATION", "Env", "OperatorProcess", "install_crd", "trained", "wait_for_pod", "wait_until"]
 
 
 def wait_until(what: str, probe: Callable[[], T | None], timeout: float = 30, interval: float = 0.1) -> T:

@@ -7,6 +7,7 @@ shipped ClusterRole); trainer results are delivered by releasing the Job's pod w
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import harness
@@ -268,3 +269,26 @@ def test_delete_removes_children_and_mount_but_keeps_adapters(env: Env) -> None:
     # And the base-model mount of the chat container was never ours to touch.
     container = env.deployment()["spec"]["template"]["spec"]["containers"][0]
     assert [m["mountPath"] for m in container["volumeMounts"]] == ["/models/base"]
+
+
+def test_every_job_is_recorded_exactly_once_beyond_the_history(env: Env) -> None:
+    # More finished Jobs than status.history holds, created by hand (no CronJob history limit cleans them up).
+    env.operator.start()
+    env.apply_cft("lumina", resources={"gpus": 0})  # CPU pods: the fake GPUs are shared with other tests
+    template = harness.wait_until("CronJob", lambda: env.maybe_get("cronjob", "lumina-finetune"))["spec"]["jobTemplate"]
+    total = 12
+    for i in range(total):
+        job = {"apiVersion": "batch/v1", "kind": "Job",
+               "metadata": {"name": f"manual-{i}", "labels": template["metadata"]["labels"]}, "spec": template["spec"]}
+        env.kubectl("create", "-f", "-", input=json.dumps(job))
+        pod = harness.wait_for_pod(env.cluster, env.ns, f"job-name=manual-{i}", timeout=60)
+        env.finish_job(pod, {"outcome": "skipped", "reason": f"too little data: {i} < 100 examples", "metrics": {}})
+    wait_until("all Jobs marked recorded", lambda: all(
+        "finetune.llmmultichat.io/recorded" in (j["metadata"].get("annotations") or {})
+        for j in env.get("jobs", "-l", "llmmultichat.io/finetune=lumina")["items"]), timeout=60)
+    time.sleep(4)  # more than one resync period: nothing is recorded again
+    status = env.status("lumina")
+    assert len(status["history"]) == 10
+    assert len({h["jobUID"] for h in status["history"]}) == 10
+    assert f'finetune_runs_total{{name="lumina",namespace="{env.ns}",outcome="skipped"}} {total}.0' in \
+        env.operator.metrics()

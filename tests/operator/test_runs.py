@@ -187,8 +187,12 @@ def test_run_record_and_recorded() -> None:
     assert record["job"] == "lumina-now" and record["jobUID"] == "u-1" and record["outcome"] == "trained"
     assert record["finishedAt"] == "2026-11-26T03:05:00Z" and record["startedAt"] == "2026-11-26T03:00:00Z"
     assert record["metrics"]["evalLossAdapter"] == 2.2 and record["version"] == "20261126T030000Z"
-    assert recorded({"history": [record]}, "u-1") and recorded({"lastRun": record}, "u-1")
-    assert not recorded({"history": [record]}, "u-2") and not recorded({}, "u-1")
+    assert recorded({"history": [record]}, done) and recorded({"lastRun": record}, done)
+    other = {"metadata": {"uid": "u-2"}}
+    assert not recorded({"history": [record]}, other) and not recorded({}, done)
+    # A marked Job is recorded even when the bounded history has forgotten it.
+    marked = {"metadata": {"uid": "u-3", "annotations": {"finetune.llmmultichat.io/recorded": "lumina"}}}
+    assert recorded({}, marked)
     worse = gate(trained(2.7, 2.6), manual=False, min_improvement=0.01, serving_version="S", serving_metrics=None)
     assert run_record(done, trained(2.7, 2.6), worse, finished_at="t")["outcome"] == "rejected"
 
