@@ -16,8 +16,8 @@ def no_sleep(_: float) -> None:
     """Backoff delays are asserted on, not waited for."""
 
 
-def test_pages_through_everything_in_the_window_with_the_token(make_history, history_server) -> None:
-    messages = make_history(sessions=30, end=NOW, span_days=40)
+def test_pages_through_everything_in_the_window_with_the_token(make_voice_history, history_server) -> None:
+    messages = make_voice_history(sessions=30, end=NOW, days=40)
     # Another character's messages share the id sequence and must not leak in.
     messages += [dict(m, id=m["id"] + 100000, character="sol") for m in messages[:50]]
     since, until = NOW - timedelta(days=30), NOW
@@ -34,8 +34,8 @@ def test_pages_through_everything_in_the_window_with_the_token(make_history, his
     assert first["limit"] == "25"
 
 
-def test_transient_503_is_retried_with_backoff_and_the_same_cursor(make_history, history_server) -> None:
-    messages = make_history(sessions=10, end=NOW)
+def test_transient_503_is_retried_with_backoff_and_the_same_cursor(make_voice_history, history_server) -> None:
+    messages = make_voice_history(sessions=10, end=NOW)
     delays: list[float] = []
     with history_server(messages) as server:
         server.fail_next, server.fail_only_later_pages = 2, True
@@ -48,15 +48,15 @@ def test_transient_503_is_retried_with_backoff_and_the_same_cursor(make_history,
     assert delays == [0.5, 1.0]
 
 
-def test_outage_longer_than_the_retries_is_a_clear_error(make_history, history_server) -> None:
-    with history_server(make_history(sessions=2, end=NOW)) as server:
+def test_outage_longer_than_the_retries_is_a_clear_error(make_voice_history, history_server) -> None:
+    with history_server(make_voice_history(sessions=2, end=NOW)) as server:
         server.fail_next = 10
         with pytest.raises(HistoryError, match=r"kept failing after 3 attempts: HTTP 503"):
             HistoryClient(server.url, "s3cret", retries=2, sleep=no_sleep).fetch("lumina", None, None)
 
 
-def test_bad_token_and_unknown_character_are_not_retried(make_history, history_server) -> None:
-    with history_server(make_history(sessions=2, end=NOW)) as server:
+def test_bad_token_and_unknown_character_are_not_retried(make_voice_history, history_server) -> None:
+    with history_server(make_voice_history(sessions=2, end=NOW)) as server:
         with pytest.raises(HistoryError, match=r"refused the token \(401\).*HISTORY_TOKEN"):
             HistoryClient(server.url, "wrong", sleep=no_sleep).fetch("lumina", None, None)
         with pytest.raises(HistoryError, match=r"HISTORY_TOKEN is not set"):
@@ -73,8 +73,8 @@ def test_unreachable_server_is_retried_then_reported() -> None:
     assert delays == [0.5, 1.0, 2.0]
 
 
-def test_jsonl_file_filters_character_and_window(tmp_path: Path, make_history) -> None:
-    messages = make_history(sessions=10, end=NOW, span_days=40)
+def test_jsonl_file_filters_character_and_window(tmp_path: Path, make_voice_history) -> None:
+    messages = make_voice_history(sessions=10, end=NOW, days=40)
     messages.append(dict(messages[0], id=999, character="sol"))
     path = tmp_path / "history.jsonl"
     path.write_text("".join(json.dumps(m, ensure_ascii=False) + "\n" for m in messages) + "\n", encoding="utf-8")

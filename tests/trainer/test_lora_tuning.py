@@ -66,15 +66,17 @@ def test_model_save_load(tmp_path: Path, base_model_dir: Path, make_voice_histor
                        encoding="utf-8")
     tuner = CharacterFineTuning(str(base_model_dir), history_file=history, output_root=tmp_path / "adapters",
                                 learning_rate=2e-3, min_examples=50, eval_fraction=0.2)
-    path = Path(tuner.fine_tune_character("lumina", num_epochs=2, batch_size=8))
-    assert (path / "adapter_model.safetensors").is_file()
-    manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["metrics"]["eval_loss_adapter"] < manifest["metrics"]["eval_loss_base"]
+    report = tuner.run("lumina", num_epochs=2, batch_size=8)
+    assert report is not None and (report.path / "adapter_model.safetensors").is_file()
+    assert report.metrics["eval_loss_adapter"] < report.metrics["eval_loss_base"] - 0.3
+    trained = report.model.eval()
+    assert next(trained.parameters()).is_cuda
     loaded = tuner.load_lora_model("lumina").to("cuda")
-    again = tuner.load_lora_model("lumina").to("cuda")
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 1000]], device="cuda")
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, again(input_ids=ids).logits)
+        expected, got = trained(input_ids=ids).logits, loaded(input_ids=ids).logits
         with loaded.disable_adapter():
             base = loaded(input_ids=ids).logits
-        assert not torch.equal(loaded(input_ids=ids).logits, base)
+    # Same weights, same GPU; the tolerance only admits cuBLAS picking another kernel for another module instance.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)

@@ -111,10 +111,11 @@ def test_rerun_is_reproducible_evaluates_the_serving_adapter_and_prunes_around_i
     # The serving adapter is scored on the same held-out records: its loss is the first run's own.
     assert second.metrics["eval_loss_serving"] == pytest.approx(first_run.metrics["eval_loss_adapter"], abs=1e-5)
     assert list_versions(root, "lumina") == [first_run.version, second.version]
-    third = tuner(base_model_dir, history_file, root, serving_version=first_run.version, keep_versions=1).run(
-        "lumina", 1, 8, started=STARTED + timedelta(seconds=2))
-    assert third is not None
-    assert list_versions(root, "lumina") == [first_run.version, third.version]
+    # The spec's entry point; its version is the current time, newer than the others.
+    third = Path(tuner(base_model_dir, history_file, root, serving_version=first_run.version, keep_versions=1)
+                 .fine_tune_character("lumina", num_epochs=1, batch_size=8))
+    assert third.parent == root / "lora_lumina"
+    assert list_versions(root, "lumina") == [first_run.version, third.name]
     assert [p.name for p in (root / "lora_lumina").iterdir() if p.name.startswith(".")] == []
 
 

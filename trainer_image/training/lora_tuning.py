@@ -246,7 +246,14 @@ class CharacterFineTuning:
 
         set_seed(self.seed)  # LoRA's initial weights come from the RNG
         tokenizer = self._load_tokenizer()
-        model = get_peft_model(self._load_base(), self.lora_config)
+        base = self._load_base()
+        positions = getattr(base.config, "n_positions", None) or getattr(base.config, "max_position_embeddings", None)
+        if positions and self.max_length > positions:
+            # Longer inputs would index past the position embeddings.
+            log.warning("max length %d exceeds the model's %d positions; using %d", self.max_length, positions,
+                        positions)
+            self.max_length = positions
+        model = get_peft_model(base, self.lora_config)
         with tempfile.TemporaryDirectory(prefix="trainer-work-") as work_dir:
             trainer, stats = train_lora(
                 model,
