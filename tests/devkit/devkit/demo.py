@@ -141,7 +141,11 @@ def operator_process(cluster: Cluster, workdir: Path, metrics_port: int) -> Iter
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {**os.environ, "KUBECONFIG": str(operator_kubeconfig(cluster, workdir))}
     env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
-    env.update({"OPERATOR_NAMESPACE": NAMESPACE, "OPERATOR_METRICS_PORT": str(metrics_port)})
+    env.update({
+        "FINETUNE_NAMESPACES": NAMESPACE,
+        "FINETUNE_METRICS_PORT": str(metrics_port),
+        "FINETUNE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{free_port()}/healthz",
+    })
     log = (workdir / "operator.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "finetune_operator"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir
@@ -175,9 +179,7 @@ def start_chat(cluster: Cluster, port: int, *, exclude: set[str] = frozenset()) 
         lambda: _current_chat_pod(cluster, exclude),
         timeout=120,
     )
-    local = start_pod_process(
-        cluster, NAMESPACE, pod_name, args_override=["--host", "127.0.0.1", "--port", str(port)]
-    )
+    local = start_pod_process(cluster, NAMESPACE, pod_name, args_override=_listen_locally(cluster, pod_name, port))
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -190,6 +192,14 @@ def start_chat(cluster: Cluster, port: int, *, exclude: set[str] = frozenset()) 
 
     wait_until("the chat service to be ready", ready, timeout=180)
     return local, pod_name, url
+
+
+def _listen_locally(cluster: Cluster, pod_name: str, port: int) -> list[str]:
+    """The pod's own args, with the listen address moved to a free loopback port (pods share no network here)."""
+    args = list(kube_json(cluster, "-n", NAMESPACE, "get", "pod", pod_name)["spec"]["containers"][0].get("args", []))
+    for flag, value in (("--host", "127.0.0.1"), ("--port", str(port))):
+        args[args.index(flag) + 1] = value
+    return args
 
 
 def _current_chat_pod(cluster: Cluster, exclude: set[str]) -> str | None:
