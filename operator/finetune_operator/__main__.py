@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import kopf
 
+from . import handlers
 from .handlers import SETTINGS
 
 
@@ -28,6 +29,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     namespaces: list[str] = [] if args.all_namespaces else (args.namespace or list(SETTINGS.namespaces))
+    handlers.WATCHED_NAMESPACES[:] = namespaces
     log_format = kopf.LogFormat.JSON if SETTINGS.log_format == "json" else kopf.LogFormat.FULL
     kopf.configure(verbose=args.verbose, log_format=log_format, log_refkey="k8s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)

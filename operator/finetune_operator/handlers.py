@@ -11,7 +11,7 @@ import kopf
 
 from . import metrics
 from .controller import Controller
-from .kube import Kube, KubeError
+from .kube import Kube, KubeError, ensure_peering
 from .manifests import ANNOTATION_RECORDED, LABEL_FINETUNE
 from .settings import Settings
 from .spec import GROUP, PLURAL, VERSION
@@ -22,6 +22,8 @@ SETTINGS = Settings.from_env()
 # so our bookkeeping is recognisable and cannot collide with another kopf operator's.
 PREFIX = "finetune.llmmultichat.io"
 CFT = (GROUP, VERSION, PLURAL)
+# Set by `python -m finetune_operator` from its flags; `kopf run -n ...` users set FINETUNE_NAMESPACES for peering.
+WATCHED_NAMESPACES: list[str] = list(SETTINGS.namespaces)
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +49,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     if settings.peering.priority == 0:
         # Same-priority peers all pause; a random priority lets exactly one of several replicas work.
         settings.peering.priority = SETTINGS.peering_priority or random.randint(1, 2**30)
-    settings.posting.level = logging.INFO
+    # kopf turns its own log lines about an object into Events at this level; ours are posted explicitly.
+    settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
@@ -56,7 +59,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     except OSError as exc:
         # A taken port is a configuration error: stop instead of retrying forever.
         raise kopf.PermanentError(f"cannot serve /metrics on port {SETTINGS.metrics_port}: {exc}") from exc
-    memo.controller = Controller(Kube.from_environment(), SETTINGS)
+    kube = Kube.from_environment()
+    if not settings.peering.standalone:
+        # kopf only joins a peering whose object exists; create it so that a second replica is paused, not racing.
+        scope = None if settings.peering.clusterwide else WATCHED_NAMESPACES
+        for created in ensure_peering(kube, settings.peering.name, scope):
+            log.info("created peering object %s", created)
+    memo.controller = Controller(kube, SETTINGS)
 
 
 @kopf.on.resume(*CFT)

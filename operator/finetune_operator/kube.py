@@ -153,3 +153,22 @@ def deployment_path(namespace: str, name: str) -> str:
 
 def pods_path(namespace: str) -> str:
     return f"/api/v1/namespaces/{_q(namespace)}/pods"
+
+
+def ensure_peering(kube: Kube, name: str, namespaces: list[str] | None) -> list[str]:
+    """Create kopf's peering object(s) if the peering kinds are installed and the objects are not: a
+    ClusterKopfPeering for a cluster-wide operator (`namespaces` None), a KopfPeering per watched namespace."""
+    targets = ([("/apis/kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", None)] if namespaces is None else
+               [(f"/apis/kopf.dev/v1/namespaces/{_q(ns)}/kopfpeerings", "KopfPeering", ns) for ns in namespaces])
+    created = []
+    for path, kind, namespace in targets:
+        metadata: dict[str, Any] = {"name": name}
+        if namespace:
+            metadata["namespace"] = namespace
+        try:
+            kube.request("POST", path, body={"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": metadata})
+            created.append(f"{kind} {namespace + '/' if namespace else ''}{name}")
+        except KubeError as exc:
+            if exc.status not in (404, 409):  # kind not installed (no peering) / exists already
+                raise
+    return created

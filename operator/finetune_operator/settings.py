@@ -34,7 +34,7 @@ class Settings:
     starting_deadline_seconds: int = 3600
     ttl_seconds_after_finished: int = 86400
     #: UID/GID the trainer runs as (the trainer image's non-root user).
-    trainer_uid: int = 1000
+    trainer_uid: int = 10001
     #: `json` (structured) or `plain` logs.
     log_format: str = "json"
     #: Fault injection for the restart-safety test only: the operator exits hard at this point ("after-run-recorded").

@@ -28,6 +28,7 @@ from devkit.podrunner import NEVER_READY_ANNOTATION, release_pod, wait_for_pod
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "characterfinetune.yaml"
 RBAC = REPO / "deploy" / "operator" / "rbac.yaml"
+PEERING = REPO / "deploy" / "operator" / "peering.yaml"
 T = TypeVar("T")
 __all__ = ["NEVER_READY_ANNOTATION", "Env", "OperatorProcess", "install_crd", "trained", "wait_for_pod", "wait_until"]
 
@@ -77,13 +78,14 @@ class OperatorProcess:
         self.health_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, **extra_env: str) -> OperatorProcess:
+    def start(self, *, standalone: bool = True, **extra_env: str) -> OperatorProcess:
         env = {**self.cluster.env, "KUBECONFIG": str(self.kubeconfig), "FINETUNE_METRICS_PORT": str(self.metrics_port),
                "FINETUNE_RESYNC_SECONDS": "3", "FINETUNE_ROLLOUT_POLL_SECONDS": "0.3", "FINETUNE_LOG_FORMAT": "plain",
                "FINETUNE_TRAINER_IMAGE": "llmmultichat/trainer:test", **self.extra_env, **extra_env}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "finetune_operator", "-n", self.namespace, "--standalone",
+            [sys.executable, "-m", "finetune_operator", "-n", self.namespace,
+             *(["--standalone"] if standalone else []),
              "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )

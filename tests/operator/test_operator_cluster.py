@@ -292,3 +292,25 @@ def test_every_job_is_recorded_exactly_once_beyond_the_history(env: Env) -> None
     assert len({h["jobUID"] for h in status["history"]}) == 10
     assert f'finetune_runs_total{{name="lumina",namespace="{env.ns}",outcome="skipped"}} {total}.0' in \
         env.operator.metrics()
+
+
+def test_two_replicas_with_peering_process_each_run_once(env: Env) -> None:
+    env.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(harness.PEERING))
+    env.cluster.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=30s")
+    first = env.operator.start(standalone=False)
+    second = harness.OperatorProcess(env.cluster, env.ns, env.kubeconfig, env.tmp / f"operator2-{env.ns}.log")
+    second.start(standalone=False)
+    try:
+        wait_until("one replica to pause in favour of the other",
+                   lambda: any("Pausing operations in favour of" in p.log_tail(400) for p in (first, second)),
+                   timeout=30, interval=0.5)
+        assert env.maybe_get("kopfpeering", "finetune-operator") is not None
+        env.apply_cft("lumina")
+        env.run_job("lumina", "lumina-1", trained("lumina", V1, adapter=2.0))
+        env.wait_status("lumina", "Ready on V1", lambda s: s.get("phase") == "Ready" and s.get("servingVersion") == V1)
+        logs = first.log_tail(2000) + second.log_tail(2000)
+        assert logs.count("recorded Job") == 1
+        assert len(env.events("Promoted")) == 1
+        assert env.deployment()["metadata"]["generation"] == 2
+    finally:
+        second.stop()

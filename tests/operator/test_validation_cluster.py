@@ -127,3 +127,11 @@ def test_character_and_target_are_immutable(kube: Cluster) -> None:
             assert result.returncode != 0 and field in result.stderr and "immutable" in result.stderr
     finally:
         kube.kubectl("delete", "cft", "immutable", "-n", NAMESPACE, "--wait=false")
+
+
+def test_the_sample_resource_is_valid(kube: Cluster) -> None:
+    sample = Path(__file__).resolve().parents[2] / "deploy" / "samples" / "finetune.yaml"
+    namespace = json.loads(kube.kubectl("create", "--dry-run=client", "-o", "json", "-f", str(sample)).stdout)
+    kube.create_namespace(namespace["metadata"]["namespace"])
+    result = kube.kubectl("apply", "--validate=strict", "--dry-run=server", "-f", str(sample), check=False)
+    assert result.returncode == 0, result.stderr
