@@ -92,10 +92,13 @@ class Service:
     def context_for(self, character: Character, turns: list[Turn]) -> list[Turn]:
         """Earlier turns for the prompt's input, plus the persona when the character serves the base model.
 
-        An adapter learned its character from conversations formatted without a persona line (the trainer only sees
-        history), so the persona is added only for base, which knows nothing about the character otherwise.
+        The number of turns is what the serving adapter was trained with (manifest `data.context_turns`), else
+        CHAT_CONTEXT_MESSAGES (default 0, the trainer's default: empty input). Empty messages are skipped, as the
+        trainer does. An adapter learned its character from history, which has no persona line, so the persona is
+        added only for the base model, which knows nothing about the character otherwise.
         """
-        turns = turns[-self.settings.context_messages :] if self.settings.context_messages else []
+        count = self.models.context_turns(character.name)
+        turns = [t for t in turns if t.content.strip()][-count:] if count else []
         if self.models.adapter_for(character.name).state != "loaded" and character.persona:
             return [Turn("system", character.persona), *turns]
         return turns
@@ -198,7 +201,8 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         service.check_message(body.message, ("body", "message"))
         models = service.require_model()
         session_id = body.session_id or f"s-{uuid.uuid4().hex}"
-        earlier = service.store.recent_messages(character.name, session_id, service.settings.context_messages)
+        # Twice the turns needed: empty messages are skipped when the context is built.
+        earlier = service.store.recent_messages(character.name, session_id, 2 * models.context_turns(character.name))
         defaults = character.generation
         result = models.generate(
             character.name,
@@ -216,6 +220,8 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
             session_id=session_id,
             character=character.name,
             adapter_version=result.adapter_version,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
         )
 
     @app.post(

@@ -50,8 +50,10 @@ class Settings(BaseModel):
     max_message_chars: int = Field(4000, ge=1, description="longer user messages get 422")
     max_tokens_limit: int = Field(512, ge=1, description="upper bound for a request's max_tokens")
     max_prompt_tokens: int = Field(1024, ge=16, description="prompts are cut to this many tokens, oldest context first")
-    context_messages: int = Field(4, ge=0, description="earlier session messages put in the prompt's input")
-    context_chars: int = Field(2000, ge=0, description="character budget for that context, oldest dropped first")
+    context_messages: int = Field(
+        0, ge=0, description="earlier session turns in the prompt's input when the adapter's manifest does not say"
+    )
+    context_chars: int = Field(1000, ge=0, description="that context is cut to its last this many characters")
     log_level: str = Field("info")
 
     @field_validator("device")

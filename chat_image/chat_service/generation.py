@@ -39,6 +39,7 @@ class AdapterStatus:
     path: Path
     version: str | None = None
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    context_turns: int | None = None  # from manifest data.context_turns: what the adapter was trained with
     reason: str | None = None  # short machine-readable cause, also a metric label
     error: str | None = None  # the full message for people
     warnings: list[str] = field(default_factory=list)
@@ -75,21 +76,17 @@ def template_fields(template: str) -> set[str]:
 
 
 def format_context(turns: Sequence[Turn], max_chars: int) -> str:
-    """The prompt's `input`: earlier turns, one per line as `<role>: <content>`, oldest first.
+    """The prompt's `input`: earlier turns of the session, oldest first, one `<role>: <content>` per turn joined by
+    newlines, cut to its last `max_chars` characters (the most recent part is what the reply answers).
 
-    Newlines inside a message become spaces so that every line is exactly one turn. Oldest turns are dropped first
-    until the text fits `max_chars`; a single turn longer than the budget is dropped entirely, never cut.
+    This is the trainer's rule for the Alpaca `input` (training/data.py), so an adapter trained with context sees the
+    same text when serving. `system` turns (the persona, base model only) come first and are never cut.
     """
-    lines = [f"{t.role}: {' '.join(t.content.split())}" for t in turns]
-    kept: list[str] = []
-    size = 0
-    for line in reversed(lines):
-        extra = len(line) + (1 if kept else 0)
-        if size + extra > max_chars:
-            break
-        kept.append(line)
-        size += extra
-    return "\n".join(reversed(kept))
+    fixed = [f"{t.role}: {t.content}" for t in turns if t.role == "system"]
+    text = "\n".join(f"{t.role}: {t.content}" for t in turns if t.role != "system")
+    if len(text) > max_chars:
+        text = text[-max_chars:] if max_chars > 0 else ""
+    return "\n".join([*fixed, text] if text else fixed)
 
 
 def read_manifest(directory: Path, character: str) -> dict[str, Any]:
@@ -115,6 +112,10 @@ def read_manifest(directory: Path, character: str) -> dict[str, Any]:
     unknown = template_fields(template) - {"instruction", "input"}
     if unknown:
         raise AdapterError("invalid_manifest", f"{path} 'prompt_template' has unknown fields {sorted(unknown)}")
+    data = manifest.get("data", {})
+    context_turns = data.get("context_turns") if isinstance(data, dict) else None
+    if context_turns is not None and (not isinstance(context_turns, int) or context_turns < 0):
+        raise AdapterError("invalid_manifest", f"{path} 'data.context_turns' must be a non-negative integer")
     return manifest
 
 
@@ -192,6 +193,8 @@ class ModelManager:
                 raise AdapterError("missing_weights", f"{directory} has none of {', '.join(WEIGHT_FILES)}")
             status.version = manifest["version"]
             status.prompt_template = manifest.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
+            data = manifest.get("data")
+            status.context_turns = data.get("context_turns") if isinstance(data, dict) else None
             for label, recorded in (
                 ("manifest base_model", manifest.get("base_model")),
                 ("adapter_config base_model_name_or_path", peft_config.base_model_name_or_path),
@@ -212,6 +215,7 @@ class ModelManager:
             status.state = "failed"
             status.version = None
             status.prompt_template = DEFAULT_PROMPT_TEMPLATE
+            status.context_turns = None
             status.reason = exc.reason
             status.error = str(exc)
             log.error("adapter for %s not used, serving base: %s", name, exc)
@@ -236,11 +240,19 @@ class ModelManager:
             character=character, state="absent", path=self.settings.adapters_root / f"lora_{character}"
         )
 
+    def context_turns(self, character: str) -> int:
+        """How many earlier turns go into the prompt: what the serving adapter was trained with, else the setting."""
+        status = self.adapter_for(character)
+        if status.state == "loaded" and status.context_turns is not None:
+            return status.context_turns
+        return self.settings.context_messages
+
     def build_prompt(self, character: str, instruction: str, context: Sequence[Turn]) -> list[int]:
         """Token ids of the prompt, bounded to `max_prompt_tokens`.
 
-        Rule: drop context turns oldest first until the prompt fits; if the prompt without context still does not
-        fit, keep its last `max_prompt_tokens` tokens (the end of the message and the "Output: " cue).
+        Rule: drop context turns oldest first (the persona last) until the prompt fits; if the prompt without
+        context still does not fit, keep its last `max_prompt_tokens` tokens (the end of the message and the
+        "Output: " cue).
         """
         status = self.adapter_for(character)
         limit = self.settings.max_prompt_tokens

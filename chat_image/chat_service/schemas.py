@@ -28,6 +28,8 @@ class ChatResponse(BaseModel):
     session_id: str
     character: str
     adapter_version: str = Field(description="adapter version that produced the reply, or 'base'")
+    prompt_tokens: int = Field(description="prompt length after the context and length rules")
+    completion_tokens: int
 
 
 class FeedbackRequest(BaseModel):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from chat_service.characters import load_characters
 from chat_service.config import Settings
-from chat_service.generation import ModelManager
+from chat_service.generation import ModelManager, Turn, format_context
 
 VERSION = "20261126T030000Z"
 GREEDY = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0}
@@ -172,22 +172,40 @@ def test_base_model_name_difference_is_a_warning(
     ]
 
 
-def test_prompt_template_comes_from_the_manifest(
+def test_prompt_template_and_context_come_from_the_manifest(
     make_settings: Callable[..., Settings], adapters_root: Path, adapter_template: Path, kit
 ) -> None:
     lumina_dir = kit.mount_adapter(adapter_template, adapters_root, "lumina")
     manifest = json.loads((lumina_dir / "manifest.json").read_text())
     template = "### Q\n{instruction}\n### Context\n{input}\n### A\n"
-    (lumina_dir / "manifest.json").write_text(json.dumps(manifest | {"prompt_template": template}))
-    models = manager(make_settings())
-    context = [("user", "first\nline"), ("assistant", "answer")]
-    from chat_service.generation import Turn
-
-    ids = models.build_prompt("lumina", "hi", [Turn(*t) for t in context])
-    assert models.tokenizer.decode(ids) == "### Q\nhi\n### Context\nuser: first line\nassistant: answer\n### A\n"
-    # sora has no adapter: the contract's default template.
+    manifest |= {"prompt_template": template, "data": {"context_turns": 2}}
+    (lumina_dir / "manifest.json").write_text(json.dumps(manifest))
+    models = manager(make_settings(context_chars=40))
+    assert models.context_turns("lumina") == 2
+    assert models.context_turns("sora") == 0  # no adapter: CHAT_CONTEXT_MESSAGES, default 0 (empty input)
+    earlier = [Turn("user", "old"), Turn("assistant", "first\nline"), Turn("user", "x" * 10)]
+    ids = models.build_prompt("lumina", "hi", earlier[-2:])
+    assert models.tokenizer.decode(ids) == f"### Q\nhi\n### Context\nassistant: first\nline\nuser: {'x' * 10}\n### A\n"
+    # Over the character budget: the trainer's rule keeps the last context_chars characters.
+    assert (
+        format_context([Turn("user", "a" * 30), Turn("assistant", "b" * 30)], 50)
+        == "a" * 8 + "\nassistant: " + "b" * 30
+    )
+    # The persona (base only) stays in front and is never cut.
+    assert format_context([Turn("system", "persona"), Turn("user", "c" * 50)], 10) == "system: persona\n" + "c" * 10
     ids = models.build_prompt("sora", "hi", [])
     assert models.tokenizer.decode(ids) == "Instruction: hi\nInput: \nOutput: "
+
+
+def test_long_prompts_are_cut_by_the_rule(make_settings: Callable[..., Settings]) -> None:
+    models = manager(make_settings(max_prompt_tokens=32))
+    context = [Turn("user", f"turn {i} " * 5) for i in range(6)]
+    ids = models.build_prompt("sora", "short question", context)
+    text = models.tokenizer.decode(ids)
+    assert len(ids) <= 32
+    assert text.startswith("Instruction: short question") and text.endswith("Output: ")  # oldest context dropped
+    ids = models.build_prompt("sora", "long " * 200, [])
+    assert len(ids) == 32 and models.tokenizer.decode(ids).endswith("Output: ")  # kept the end of the prompt
 
 
 def test_mounted_adapter_changes_reply_and_version_over_http(

@@ -68,6 +68,21 @@ def test_chat_round_trip_and_sessions(client: httpx.Client, kit) -> None:
     assert messages[0]["created_at"].endswith("Z") and len(messages[0]["created_at"]) == 27
 
 
+def test_session_turns_reach_the_prompt(make_settings: Callable[..., Settings], kit) -> None:
+    """With CHAT_CONTEXT_MESSAGES=2 the session's earlier turns are in the prompt; other sessions' are not."""
+    with kit.serve(make_settings(context_messages=2)) as base, httpx.Client(base_url=base, timeout=60) as client:
+        fresh = client.post("/v1/chat", json={"character": "sora", "message": "again", "max_tokens": 2}).json()
+        chat(client, "a first message", session_id="ctx", character="sora")
+        second = client.post(
+            "/v1/chat", json={"character": "sora", "message": "again", "max_tokens": 2, "session_id": "ctx"}
+        ).json()
+        other = client.post(
+            "/v1/chat", json={"character": "sora", "message": "again", "max_tokens": 2, "session_id": "other"}
+        ).json()
+    assert second["prompt_tokens"] > fresh["prompt_tokens"]
+    assert other["prompt_tokens"] == fresh["prompt_tokens"]
+
+
 def test_unknown_character_is_404_with_the_known_ones(client: httpx.Client) -> None:
     response = client.post("/v1/chat", json={"character": "nobody", "message": "hi"})
     assert response.status_code == 404
