@@ -149,3 +149,27 @@ def test_killed_during_publish_leaves_previous_versions_intact_and_no_partial_on
         assert code == -signal.SIGKILL
         # SIGKILL cannot be caught: the hidden work dir stays (readers ignore it; a later run removes it when old).
         assert all(p.name.startswith(".tmp-") for p in (root / "lora_lumina").iterdir() if p != previous)
+
+
+def test_torchrun_two_processes_train_one_adapter_and_publish_once(
+    tmp_path: Path, base_model_dir: Path, make_voice_history: Any, subprocess_env: dict[str, str]
+) -> None:
+    """Data parallel on the CPU (gloo), as the GPU case runs with NCCL: the same code, no flags."""
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(json.dumps(m, ensure_ascii=False) + "\n" for m in make_voice_history(sessions=40)),
+                       encoding="utf-8")
+    root, result_file = tmp_path / "adapters", tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "training.lora_tuning", *trainer_cmd(base_model_dir, root, result_file)[3:],
+           "--history-file", str(history), "--epochs", "1", "--batch-size", "4", "--min-examples", "30"]
+    done = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [line for line in done.stdout.splitlines() if line.startswith('{"outcome"')]
+    assert len(results) == 1  # rank 0 alone reports
+    result = json.loads(result_file.read_text(encoding="utf-8"))
+    assert json.loads(results[0]) == result and result["outcome"] == "trained"
+    assert list_versions(root, "lumina") == [result["version"]]  # rank 0 alone publishes
+    assert "2 process(es)" in done.stderr
+    manifest = json.loads((root / result["path"] / "manifest.json").read_text(encoding="utf-8"))
+    # Each step takes a batch of 4 on each of the 2 processes.
+    assert manifest["training"]["steps"] == -(-result["examples"]["train"] // 8)

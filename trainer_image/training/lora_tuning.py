@@ -17,12 +17,12 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -39,6 +39,7 @@ from .train import train_lora
 log = logging.getLogger("training")
 
 SAMPLE_COUNT = 3
+T = TypeVar("T")
 
 
 class InsufficientDataError(ValueError):
@@ -47,6 +48,9 @@ class InsufficientDataError(ValueError):
     def __init__(self, message: str, pairs: int) -> None:
         super().__init__(message)
         self.pairs = pairs
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int]]:  # sent between processes under torchrun
+        return (type(self), (str(self), self.pairs))
 
 
 # A BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it.
@@ -67,6 +71,45 @@ def detect_target_modules(base_model: str) -> list[str] | None:
         model_type = "gpt2" if "gpt2" in Path(base_model).name.lower() else None
     modules = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
     return list(modules) if isinstance(modules, list) else None
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _init_distributed() -> None:
+    """Under torchrun (several processes), join the process group before collecting, so that rank 0 can share
+    the data: every rank must train on exactly the same examples, and each fetching its own window a moment apart
+    could differ. Trainer/accelerate reuse this group."""
+    import torch
+    import torch.distributed as dist
+
+    if _world_size() <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def _from_rank_zero(compute: Callable[[], T]) -> T:
+    """``compute()`` on rank 0, its value (or its exception) handed to every rank; just ``compute()`` alone."""
+    import torch.distributed as dist
+
+    if _world_size() <= 1 or not dist.is_initialized():
+        return compute()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, compute())]
+        except Exception as exc:
+            box = [(False, exc)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 @dataclass
@@ -237,9 +280,12 @@ class CharacterFineTuning:
     ) -> RunReport | None:
         """The whole job. Returns ``None`` on non-zero ranks of a multi-process run (only rank 0 publishes)."""
         t0 = time.perf_counter()
-        started = (started or datetime.now(UTC)).replace(microsecond=0)
+        _init_distributed()
+        moment = (started or datetime.now(UTC)).replace(microsecond=0)
+        started, (messages, dropped, train, held_out) = _from_rank_zero(
+            lambda: (moment, self.prepare_data(character_name, days, moment))
+        )
         version = version_for(started)
-        messages, dropped, train, held_out = self.prepare_data(character_name, days, started)
         train_records = [e.alpaca() for e in train]
         eval_records = [e.alpaca() for e in held_out]
         log.info("split by session: %d train, %d eval examples", len(train_records), len(eval_records))

@@ -154,6 +154,8 @@ def train_lora(
         # Every LoRA weight takes part in every step, so DDP need not search for unused parameters.
         ddp_find_unused_parameters=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without a GPU, accelerate only treats torchrun's processes as one job (gloo DDP) when told it is on CPUs.
+        use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(
         model=model,
