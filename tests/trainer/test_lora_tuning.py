@@ -34,6 +34,7 @@ def test_lora_config() -> None:
     assert fine_tuner.lora_config.bias == "none"
     assert fine_tuner.lora_config.task_type == TaskType.CAUSAL_LM
     assert set(fine_tuner.lora_config.target_modules) == {"c_attn"}  # GPT-2, the spec's default base
+    assert fine_tuner.lora_config.fan_in_fan_out  # GPT-2's Conv1D layers
 
 
 def test_target_modules_follow_the_architecture(tmp_path: Path, base_model_dir: Path) -> None:
@@ -42,6 +43,7 @@ def test_target_modules_follow_the_architecture(tmp_path: Path, base_model_dir: 
     config.save_pretrained(llama)
     assert detect_target_modules(str(llama)) == ["q_proj", "v_proj"]
     assert set(CharacterFineTuning(str(llama)).lora_config.target_modules) == {"q_proj", "v_proj"}
+    assert not CharacterFineTuning(str(llama)).lora_config.fan_in_fan_out
     assert detect_target_modules(str(base_model_dir)) == ["c_attn"]
     chosen = CharacterFineTuning(str(llama), target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]).lora_config
     assert set(chosen.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -80,3 +82,27 @@ def test_model_save_load(tmp_path: Path, base_model_dir: Path, make_voice_histor
     # Same weights, same GPU; the tolerance only admits cuBLAS picking another kernel for another module instance.
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, base, atol=1e-3)
+
+
+def test_prepare_data_counts_caps_to_the_newest_and_skips_below_the_minimum(tmp_path: Path,
+                                                                          make_voice_history) -> None:
+    from datetime import UTC, datetime
+
+    from training.lora_tuning import InsufficientDataError
+
+    until = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
+    messages = make_voice_history(sessions=40, end=until)
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(json.dumps(m, ensure_ascii=False) + "\n" for m in messages), encoding="utf-8")
+    tuner = CharacterFineTuning(history_file=history, min_examples=10)
+    count, dropped, train, held_out = tuner.prepare_data("lumina", 30, until)
+    assert count == len(messages)
+    assert dropped["thumbs_down"] == sum(1 for m in messages if m["feedback"] == "down") > 0
+    everything = sorted(train + held_out, key=lambda e: e.created_at)
+
+    capped = CharacterFineTuning(history_file=history, min_examples=10, max_examples=30)
+    _, _, train30, eval30 = capped.prepare_data("lumina", 30, until)
+    assert sorted(train30 + eval30, key=lambda e: e.created_at) == everything[-30:]
+
+    with pytest.raises(InsufficientDataError, match=rf"too little data: {len(everything)} < 1000 examples"):
+        CharacterFineTuning(history_file=history, min_examples=1000).prepare_data("lumina", 30, until)

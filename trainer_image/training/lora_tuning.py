@@ -58,18 +58,22 @@ class Terminated(BaseException):
     """SIGTERM arrived (pod deletion, deadline): unwind so half-written work is cleaned up."""
 
 
+def model_type_of(base_model: str) -> str | None:
+    """The config's ``model_type``, read from a local directory or the hub cache — never the network, so that
+    building a ``LoraConfig`` stays instant offline; ``None`` when the config is not at hand."""
+    try:
+        return AutoConfig.from_pretrained(base_model, local_files_only=True).model_type
+    except (OSError, ValueError):
+        return "gpt2" if "gpt2" in Path(base_model).name.lower() else None
+
+
 def detect_target_modules(base_model: str) -> list[str] | None:
     """LoRA target modules for the model's architecture (GPT-2 ``c_attn``, llama-style ``q_proj``/``v_proj``...).
 
-    Reads only the model's config, from a local directory or the hub cache — never the network, so that building a
-    ``LoraConfig`` stays instant offline. ``None`` when the architecture is unknown or the config is not at hand:
-    peft then resolves the modules itself from the loaded model.
+    ``None`` when the architecture is unknown or its config is not at hand: peft then resolves the modules itself
+    from the loaded model.
     """
-    try:
-        model_type = AutoConfig.from_pretrained(base_model, local_files_only=True).model_type
-    except (OSError, ValueError):
-        model_type = "gpt2" if "gpt2" in Path(base_model).name.lower() else None
-    modules = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
+    modules = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type_of(base_model) or "")
     return list(modules) if isinstance(modules, list) else None
 
 
@@ -187,6 +191,8 @@ class CharacterFineTuning:
                 lora_alpha=self.lora_alpha,
                 lora_dropout=self.lora_dropout,
                 target_modules=self.target_modules or detect_target_modules(self.base_model),
+                # GPT-2 keeps its projections in Conv1D layers, whose weights are stored transposed.
+                fan_in_fan_out=model_type_of(self.base_model) == "gpt2",
                 bias="none",
                 task_type=TaskType.CAUSAL_LM,
             )
