@@ -7,6 +7,7 @@ from, so a concurrent change makes them retry from a fresh read instead of overw
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -99,9 +100,21 @@ class Controller:
                     delay = self._reconcile(cr)
                 except StatusConflict:
                     continue
+                except KubeError as exc:
+                    self._report_error(cr, exc)
+                    raise
                 self._next[(namespace, name)] = time.monotonic() + delay
                 return delay
             raise kopf.TemporaryError("status kept changing under us", delay=1)
+
+    def _report_error(self, cr: Mapping[str, Any], exc: KubeError) -> None:
+        """Best effort: show an API failure in the status (phase Error, lastError) while kopf retries."""
+        meta = cr["metadata"]
+        status = dict(cr.get("status") or {})
+        new = finalize(FineTuneSpec.from_dict(cr["spec"]), meta.get("annotations") or {}, status,
+                       Observed(int(meta.get("generation") or 0), reconcile_error=str(exc)), now_iso())
+        with contextlib.suppress(KubeError, StatusConflict):
+            self._write_status(cr, status, new)
 
     def due(self, namespace: str, name: str) -> bool:
         """Is a periodic reconcile due? (Cheap: the daemon asks often, the API is called only when due.)"""

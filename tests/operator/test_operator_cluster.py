@@ -126,6 +126,7 @@ def test_train_now_promote_then_reject_skip_fail(env: Env) -> None:
     assert [h["outcome"] for h in status["history"]] == ["failed", "skipped", "rejected", "trained"]
     reasons = {e["reason"] for e in env.events()}
     assert {"RunTrained", "Promoted", "RunRejected", "RunSkipped", "RunFailed"} <= reasons
+    assert "CronJobRestored" not in reasons  # our own updates are not mistaken for drift
     metrics = env.operator.metrics()
     for outcome in ("trained", "rejected", "skipped", "failed"):
         assert f'finetune_runs_total{{name="lumina",namespace="{env.ns}",outcome="{outcome}"}} 1.0' in metrics
