@@ -10,12 +10,12 @@ import json
 import time
 from typing import Any
 
-import harness
+import operator_harness as harness
 import pytest
 from finetune_operator.manifests import build_cronjob
 from finetune_operator.settings import Settings
 from finetune_operator.spec import FineTuneSpec
-from harness import NEVER_READY_ANNOTATION, Env, trained, wait_until
+from operator_harness import NEVER_READY_ANNOTATION, Env, trained, wait_until
 
 pytestmark = pytest.mark.cluster
 

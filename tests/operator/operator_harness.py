@@ -2,7 +2,7 @@
 real process (running as a ServiceAccount bound to the shipped ClusterRole, so RBAC is exercised too), and helpers to
 run training Jobs with a chosen trainer result.
 
-Imported by the cluster test modules as `harness` (tests/operator is put on sys.path by conftest.py).
+Imported by the cluster test modules as `operator_harness` (tests/operator is put on sys.path by conftest.py).
 """
 
 from __future__ import annotations
