@@ -6,7 +6,6 @@ operator (or one resource, for the Deployment) owns, nothing else. Contract refe
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -296,12 +295,3 @@ def has_container(deployment: Mapping[str, Any], container: str) -> bool:
 def _containers(deployment: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(((deployment.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or [])
 
-
-def comparable(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy without server-managed metadata, for equality checks in tests and logs."""
-    out = copy.deepcopy(dict(obj))
-    meta = out.get("metadata", {})
-    for key in ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"):
-        meta.pop(key, None)
-    out.pop("status", None)
-    return out
