@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 DEFAULT_CHARACTERS_FILE = Path(__file__).with_name("characters.json")
 
@@ -100,14 +100,21 @@ def parse_args(
     if args.db is not None and args.database_url is not None:
         parser.error("--db and --database-url are mutually exclusive")
     database_url = f"sqlite:///{args.db}" if args.db is not None else args.database_url
-    settings = Settings.from_env(
-        environ,
-        database_url=database_url,
-        base_model=args.base_model,
-        adapters_root=args.adapters_root,
-        characters_file=args.characters_file,
-        device=args.device,
-        max_body_bytes=args.max_body_bytes,
-        log_level=args.log_level,
-    )
+    try:
+        settings = Settings.from_env(
+            environ,
+            database_url=database_url,
+            base_model=args.base_model,
+            adapters_root=args.adapters_root,
+            characters_file=args.characters_file,
+            device=args.device,
+            max_body_bytes=args.max_body_bytes,
+            log_level=args.log_level,
+        )
+    except ValidationError as exc:
+        # Name the environment variable too: most settings arrive that way in a pod.
+        problems = "; ".join(
+            f"{err['loc'][0]} ({ENV_VARS.get(str(err['loc'][0]), 'flag')}): {err['msg']}" for err in exc.errors()
+        )
+        parser.error(f"invalid settings: {problems}")
     return settings, args.host, args.port

@@ -109,6 +109,21 @@ def test_flags_win_over_environment(tmp_path: Path) -> None:
         parse_args(["--db", "a.db", "--database-url", "sqlite:///b.db"], {})
 
 
+def test_bad_flags_and_files_exit_with_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from chat_service.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--max-body-bytes", "10"], {})
+    assert exit_info.value.code == 2
+    assert "max_body_bytes (CHAT_MAX_BODY_BYTES)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([], {"CHAT_DEVICE": "tpu"})
+    assert "device (CHAT_DEVICE)" in capsys.readouterr().err
+    missing = tmp_path / "nope.json"
+    assert main(["--characters-file", str(missing), "--db", str(tmp_path / "x.db")]) == 2
+    assert f"cannot load characters from {missing}" in capsys.readouterr().err
+
+
 def test_bad_settings_are_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_body_bytes"):
         Settings.from_env({"CHAT_MAX_BODY_BYTES": "lots"})
