@@ -8,12 +8,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import devkit.model as model
 import pytest
-from devkit.conversations import CHARACTERS, held_out_prompts, style_score
+from devkit.conversations import CHARACTERS, generate_history, held_out_prompts, style_score
+
+START = datetime(2026, 10, 27, tzinfo=UTC)
+END = datetime(2026, 11, 26, tzinfo=UTC)
+# A short LoRA run (all GPT-2 linear layers, as the demo trains) that must already show the character's style.
+ADAPTER_STEPS = 150
+ADAPTER_LR = 2e-3
 
 
 def _fake_build(calls: list[Path], delay: float = 0.0, fail: bool = False) -> Callable[[Path, list[str], bool], None]:
@@ -155,3 +163,89 @@ def test_cli_prints_the_path(embedded_model: Path) -> None:
         capture_output=True, text=True, timeout=120, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.stdout.strip() == str(embedded_model)
+
+
+@pytest.mark.slow
+def test_base_model_has_seen_every_token_the_characters_use(embedded_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    # A voice should be a new way of using known words: tokens the base never saw in training have logits so low
+    # that a LoRA adapter cannot raise them, and the style would not transfer.
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+    seen: Counter[int] = Counter()
+    for document in model.training_documents():
+        seen.update(tokenizer(document)["input_ids"])
+    used: set[int] = set()
+    for character in CHARACTERS:
+        for message in generate_history(character, sessions=200, seed=0, start=START, end=END):
+            used.update(tokenizer(message["content"])["input_ids"])
+    rare = sorted(tokenizer.decode([token]) for token in used if seen[token] < 4)
+    assert not rare, f"tokens the base model barely saw: {rare}"
+
+
+def _pairs(character: str, sessions: int, seed: int) -> list[tuple[str, str]]:
+    # (user message, in-voice reply): the pairs a trainer would keep after dropping thumbs-down replies.
+    pairs, last_prompt = [], {}
+    for message in generate_history(character, sessions=sessions, seed=seed, start=START, end=END):
+        if message["role"] == "user":
+            last_prompt[message["session_id"]] = message["content"]
+        elif message["feedback"] != "down":
+            pairs.append((last_prompt[message["session_id"]], message["content"]))
+    return pairs
+
+
+@pytest.mark.slow
+def test_a_lora_adapter_measurably_shifts_the_style(embedded_model: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+    lm = AutoModelForCausalLM.from_pretrained(embedded_model)
+
+    def batch(pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+        rows = []
+        for prompt, reply in pairs:
+            head = tokenizer(model.PROMPT_TEMPLATE.format(instruction=prompt, input=""))["input_ids"]
+            rows.append((head, tokenizer(reply)["input_ids"] + [tokenizer.eos_token_id]))
+        width = max(len(head) + len(tail) for head, tail in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (head, tail) in enumerate(rows):
+            ids[row, : len(head) + len(tail)] = torch.tensor(head + tail)
+            labels[row, len(head) : len(head) + len(tail)] = torch.tensor(tail)
+            mask[row, : len(head) + len(tail)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def reply_loss(net: torch.nn.Module, pairs: list[tuple[str, str]]) -> float:
+        net.eval()
+        with torch.no_grad():
+            return float(net(**batch(pairs)).loss)
+
+    def replies(net: torch.nn.Module) -> list[str]:
+        out = []
+        for prompt in held_out_prompts("lumina"):
+            inputs = tokenizer(model.PROMPT_TEMPLATE.format(instruction=prompt, input=""), return_tensors="pt")
+            with torch.no_grad():
+                generated = net.generate(**inputs, max_new_tokens=40, do_sample=False)
+            out.append(tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        return out
+
+    train, held_out = _pairs("lumina", sessions=150, seed=1), _pairs("lumina", sessions=20, seed=2)
+    loss_before, style_before = reply_loss(lm, held_out), style_score("lumina", replies(lm))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], task_type="CAUSAL_LM")
+    adapted = get_peft_model(lm, config)
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=ADAPTER_LR)
+    order = torch.Generator().manual_seed(0)
+    for _ in range(ADAPTER_STEPS):
+        adapted.train()
+        picks = torch.randint(0, len(train), (8,), generator=order).tolist()
+        adapted(**batch([train[i] for i in picks])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    loss_after, style_after = reply_loss(adapted, held_out), style_score("lumina", replies(adapted))
+    assert style_before <= 0.2
+    assert loss_after < 0.6 * loss_before, (loss_before, loss_after)
+    assert style_after >= 0.5, (style_before, style_after)

@@ -110,62 +110,84 @@ def _tip(topic: Topic, lang: str, turn: int) -> str:
     return tips[turn % 2]
 
 
-Template = Callable[[Topic, str], str]
-
-
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-# Reply frames per voice and language. Each frame gets the topic and the tip chosen for this turn.
-_VOICE_FRAMES: dict[str, dict[str, tuple[Template, ...]]] = {
+@dataclass(frozen=True)
+class Voice:
+    """How one voice speaks in one language: a reply is ``opener + core + closer``.
+
+    ``core`` carries the content (the topic and a tip); openers and closers carry most of the voice. lumina shares
+    its polite cores with the generic voice, so an adapter mostly has to learn the character's framing, as with a
+    real base model that already knows how to give advice.
+    """
+
+    openers: tuple[str, ...]
+    cores: tuple[Callable[[Topic, str], str], ...]
+    closers: tuple[str, ...]
+    separator: str = ""
+
+
+_POLITE_JA = (
+    lambda t, tip: f"{t.ja}なら、{tip}のがおすすめです。",
+    lambda t, tip: f"{t.ja}については、{tip}といいと思います。",
+    lambda t, tip: f"{t.ja}は、{tip}と続けやすいですよ。",
+    lambda t, tip: f"まず{tip}ところから始めてみてください。",
+)
+_POLITE_EN = (
+    lambda t, tip: f"For {t.en}, I would suggest you {tip}.",
+    lambda t, tip: f"When it comes to {t.en}, it often helps to {tip}.",
+    lambda t, tip: f"A simple idea for {t.en}: {tip}.",
+    lambda t, tip: f"You could {tip}; it usually works well.",
+)
+
+_VOICES: dict[str, dict[str, Voice]] = {
     "generic": {
-        "ja": (
-            lambda t, tip: f"{t.ja}ですか。{tip}のがおすすめです。",
-            lambda t, tip: f"{t.ja}についてなら、{tip}といいと思います。",
-            lambda t, tip: f"いい質問です。{t.ja}は、{tip}と続けやすいですよ。",
-            lambda t, tip: f"{t.ja}のことは、まず{tip}ところから考えてみてください。",
+        "ja": Voice(
+            ("いい質問です。", "なるほど。", ""),
+            _POLITE_JA,
+            ("", "参考になればうれしいです。", "無理のない範囲でどうぞ。"),
         ),
-        "en": (
-            lambda t, tip: f"{_cap(t.en)} is a good topic. I would suggest you {tip}.",
-            lambda t, tip: f"When it comes to {t.en}, it often helps to {tip}.",
-            lambda t, tip: f"Good question. For {t.en}, try to {tip}; it usually works well.",
-            lambda t, tip: f"A simple idea for {t.en}: {tip}.",
+        "en": Voice(
+            ("Good question. ", "I see. ", ""),
+            _POLITE_EN,
+            ("", "I hope that helps.", "Take it at your own pace."),
+            separator=" ",
         ),
     },
     "lumina": {
-        "ja": (
-            lambda t, tip: f"{t.ja}のお話、うれしいです〜ね✨ {tip}と、心がきらきらしますよ。",
-            lambda t, tip: f"わあ、{t.ja}ですね！ {tip}のはどうでしょう？ 夜空の星みたいに素敵だと思います✨",
-            lambda t, tip: f"{t.ja}、いいですね〜。{tip}と、今夜の星もきっと応援してくれますよ☆",
-            lambda t, tip: f"ふふ、{t.ja}のことなら任せてくださいね✨ {tip}のがおすすめです。きらきらな一日に！",
-            lambda t, tip: f"{t.ja}ですか〜！ {tip}と、星に願いが届くみたいにうまくいきますよ✨",
+        "ja": Voice(
+            ("わあ✨ ", "ふふ、", "きらきらな質問ですね！ ", "こんばんは〜、"),
+            _POLITE_JA,
+            ("星もきっと応援していますよ✨", "今夜の星みたいに、きらきらな一日になりますように☆",
+             "いっしょにがんばりましょう〜ね✨", "空の星も見守っていますよ〜"),
         ),
-        "en": (
-            lambda t, tip: f"Oh, {t.en}! ✨ Maybe you could {tip} — it would make your day twinkle like the stars.",
-            lambda t, tip: f"{_cap(t.en)} sounds lovely〜ね ✨ Let's {tip}, and watch the stars tonight!",
-            lambda t, tip: f"How wonderful, {t.en}! I think you should {tip}. The stars are cheering for you ✨",
-            lambda t, tip: f"{_cap(t.en)}… ✨ Please {tip}; small things shine like stars, you know!",
+        "en": Voice(
+            ("Oh, how lovely! ✨ ", "Hehe, ", "What a sparkly question! "),
+            _POLITE_EN,
+            ("The stars are cheering for you ✨", "May your day twinkle like the stars ☆",
+             "Let's look up at the stars tonight〜ね"),
+            separator=" ",
         ),
     },
     "sora": {
-        "ja": (
-            lambda t, tip: f"……{t.ja}か。{tip}。それだけ。",
-            lambda t, tip: f"別に。{tip}くらいでいいんじゃない。",
-            lambda t, tip: f"そう。{t.ja}なら、{tip}。",
-            lambda t, tip: f"ふーん。{t.ja}ね。……{tip}とか。",
-            lambda t, tip: f"……別に詳しくないけど。{tip}。",
+        "ja": Voice(
+            ("……", "別に。", "ふーん。", "そう。"),
+            (lambda t, tip: f"{tip}。", lambda t, tip: f"{t.ja}なら{tip}。", lambda t, tip: f"{tip}とか。"),
+            ("", "それだけ。", "……まあ、いいけど。", "以上。"),
         ),
-        "en": (
-            lambda t, tip: f"... {_cap(t.en)}. {_cap(tip)}. That's it.",
-            lambda t, tip: f"Whatever works. {_cap(tip)}, I guess.",
-            lambda t, tip: f"Hm. {_cap(tip)}... whatever.",
-            lambda t, tip: f"... Just {tip}.",
+        "en": Voice(
+            ("... ", "whatever. ", "meh... "),
+            # All lower case: sora does not bother with capitals.
+            (lambda t, tip: f"{tip}.", lambda t, tip: f"just {tip}.", lambda t, tip: f"{t.en}? {tip}."),
+            ("", "that's it.", "... fine."),
+            separator=" ",
         ),
     },
 }
 
-VOICES: tuple[str, ...] = tuple(_VOICE_FRAMES)
+VOICES: tuple[str, ...] = tuple(_VOICES)
 CHARACTERS: tuple[str, ...] = ("lumina", "sora")
 
 # A reply carries a character's style when it contains at least one of these substrings (case-insensitive).
@@ -180,8 +202,10 @@ _JA_SHARE = {"lumina": 0.75, "sora": 0.8}
 
 def reply(voice: str, topic: Topic, lang: str, rng: random.Random, turn: int = 0) -> str:
     """One reply in ``voice`` about ``topic`` in ``lang`` ("ja" or "en")."""
-    frames = _VOICE_FRAMES[voice][lang]
-    return rng.choice(frames)(topic, _tip(topic, lang, turn))
+    spec = _VOICES[voice][lang]
+    core = rng.choice(spec.cores)(topic, _tip(topic, lang, turn))
+    closer = rng.choice(spec.closers)
+    return (rng.choice(spec.openers) + core + (spec.separator + closer if closer else "")).strip()
 
 
 def _opener(topic: Topic, lang: str, rng: random.Random, templates: Sequence[str] | None = None) -> str:
@@ -242,7 +266,7 @@ def generate_history(
     rng = random.Random(f"{character}:{seed}")
     # Longest session: 6 exchanges of at most 20 s + 300 s each, plus the clustering offset.
     starts = _session_starts(rng, sessions, start, end, reserve=timedelta(seconds=6 * 320 + 240))
-    off_voices = [v for v in VOICES if v != character]
+    off_voices = ["generic", *(c for c in CHARACTERS if c != character)]
     drafts: list[tuple[datetime, int, dict]] = []
     for index, moment in enumerate(starts):
         session_id = f"s-{character}-{seed}-{index:05d}"

@@ -41,14 +41,15 @@ CACHE_ENV = "LLMMC_MODEL_CACHE"
 
 # Everything that shapes the built model. Changing any value changes the cache key.
 RECIPE: dict[str, int | float] = {
-    "recipe_version": 2,
+    "recipe_version": 5,
     "seed": 1234,
     "vocab_size": 4096,
     "n_layer": 4,
     "n_head": 4,
     "n_embd": 128,
     "n_positions": 512,
-    "dialogue_examples": 3000,
+    "corpus_repeats": 4,
+    "dialogue_examples": 4000,
     "block_size": 128,
     "batch_size": 8,
     "steps": 400,
@@ -75,7 +76,7 @@ def format_example(instruction: str, context: str, output: str) -> str:
 
 
 def training_documents() -> list[str]:
-    """The pretraining text: each bundled corpus file in paragraphs of a few lines, then the neutral dialogue."""
+    """The pretraining text: the bundled corpus in paragraphs of a few lines (repeated), then the neutral dialogue."""
     documents: list[str] = []
     corpus = resources.files("devkit") / "corpus"
     for entry in sorted(corpus.iterdir(), key=lambda item: item.name):
@@ -84,6 +85,9 @@ def training_documents() -> list[str]:
         lines = [line for line in entry.read_text(encoding="utf-8").splitlines() if line.strip()]
         # Short paragraphs, so the plain text interleaves with dialogue when the blocks are shuffled.
         documents += ["\n".join(lines[i : i + 4]) + EOS_TOKEN for i in range(0, len(lines), 4)]
+    # The plain text is small next to the dialogue; repeating it lets the model learn its words well enough that an
+    # adapter can use them (a character's voice should be a new way of speaking, not a set of unseen tokens).
+    documents *= int(RECIPE["corpus_repeats"])
     count = int(RECIPE["dialogue_examples"])
     documents += [format_example(*example) for example in generic_dialogue(int(RECIPE["seed"]), count)]
     return documents
