@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from training.data import parse_time
+from training.history import HistoryClient, HistoryError
 from training.lora_tuning import main
 from training.publish import list_versions
 
@@ -29,19 +31,72 @@ def last_line_json(stdout: str) -> dict[str, Any]:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_end_to_end_against_a_running_history_endpoint(
-    tmp_path: Path, base_model_dir: Path, history_server: Any, make_voice_history: Any, subprocess_env: dict[str, str]
+@pytest.fixture
+def chat_service(tmp_path: Path, base_model_dir: Path, subprocess_env: dict[str, str]) -> Any:
+    """The real chat service (`python -m chat_service`, another image: run as a process, never imported) on a free
+    port with an empty SQLite store; yields its base URL."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(subprocess_env, DATABASE_URL=f"sqlite:///{tmp_path / 'chat.db'}", BASE_MODEL=str(base_model_dir),
+               ADAPTERS_ROOT=str(tmp_path / "served"), HISTORY_TOKEN=TOKEN, CHAT_TORCH_THREADS="1",
+               CHAT_LOG_LEVEL="warning")
+    process = subprocess.Popen([sys.executable, "-m", "chat_service", "--host", "127.0.0.1", "--port", str(port)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"chat service exited: {process.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "chat service did not start"
+            try:
+                if httpx.get(f"{url}/v1/characters", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_end_to_end_against_the_running_chat_service(
+    tmp_path: Path, base_model_dir: Path, chat_service: str, make_voice_history: Any, subprocess_env: dict[str, str]
 ) -> None:
+    """Contract §1 from the trainer's side against the real service, then the whole CLI run as the pod runs it."""
+    import httpx
+
+    messages = make_voice_history(sessions=50, seed=3)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for start in range(0, len(messages), 500):  # the import endpoint takes up to 1000 messages per request
+        chunk = [{k: v for k, v in m.items() if k != "id"} for m in messages[start : start + 500]]
+        assert httpx.post(f"{chat_service}/v1/history", json={"messages": chunk}, headers=headers,
+                          timeout=60).status_code == 201
+
+    # The client pages through the real service (small pages: several cursors) and gets every message back intact.
+    got = HistoryClient(chat_service, TOKEN, page_limit=37).fetch("lumina", None, None)
+    fields = ("session_id", "role", "content", "feedback")
+    assert [tuple(m[f] for f in fields) for m in got] == [tuple(m[f] for f in fields) for m in messages]
+    assert [parse_time(m["created_at"]) for m in got] == [parse_time(m["created_at"]) for m in messages]
+    with pytest.raises(HistoryError, match="401"):
+        HistoryClient(chat_service, "wrong").fetch("lumina", None, None)
+    with pytest.raises(HistoryError, match="404"):
+        HistoryClient(chat_service, TOKEN).fetch("nobody", None, None)
+
     root, result_file = tmp_path / "adapters", tmp_path / "result.json"
     env = dict(subprocess_env, HISTORY_TOKEN=TOKEN, TRAINER_EPOCHS="1", TRAINER_BATCH_SIZE="8",
                TRAINER_MIN_EXAMPLES="50", TRAINER_EVAL_FRACTION="0.2")
-    with history_server(make_voice_history(sessions=50, seed=3), token=TOKEN) as server:
-        server.fail_next = 1  # a transient outage on the first request
-        done = subprocess.run(trainer_cmd(base_model_dir, root, result_file, "--history-url", server.url),
-                              env=env, capture_output=True, text=True, timeout=300)
-        statuses = [status for _, status in server.requests]
+    done = subprocess.run(trainer_cmd(base_model_dir, root, result_file, "--history-url", chat_service),
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert statuses[:2] == [503, 200]
     result = json.loads(result_file.read_text(encoding="utf-8"))
     assert last_line_json(done.stdout) == result
     assert result["outcome"] == "trained" and result["reason"] is None and result["character"] == "lumina"
@@ -49,6 +104,7 @@ def test_end_to_end_against_a_running_history_endpoint(
     assert list_versions(root, "lumina") == [result["version"]]
     manifest = json.loads((root / result["path"] / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["metrics"] == result["metrics"]
+    assert manifest["data"]["messages"] == len(messages)
     assert manifest["training"]["epochs"] == 1 and manifest["training"]["batch_size"] == 8  # from TRAINER_* env
     assert result["examples"]["train"] + result["examples"]["eval"] == result["examples"]["pairs"] == \
         manifest["data"]["pairs"]
@@ -57,17 +113,20 @@ def test_end_to_end_against_a_running_history_endpoint(
 
 
 def test_too_little_data_is_skipped_with_exit_0_and_nothing_written(
-    tmp_path: Path, base_model_dir: Path, make_voice_history: Any, subprocess_env: dict[str, str]
+    tmp_path: Path, base_model_dir: Path, make_voice_history: Any, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """In-process through ``main`` (what ``python -m`` exits with): the skip happens before any model is loaded."""
+    for key in [k for k in os.environ if k.startswith("TRAINER_")]:
+        monkeypatch.delenv(key)
     history = tmp_path / "history.jsonl"
     history.write_text("".join(json.dumps(m, ensure_ascii=False) + "\n" for m in make_voice_history(sessions=8)),
                        encoding="utf-8")
     root, result_file = tmp_path / "adapters", tmp_path / "result.json"
-    done = subprocess.run(trainer_cmd(base_model_dir, root, result_file, "--history-file", str(history)),
-                          env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code = main(trainer_cmd(base_model_dir, root, result_file, "--history-file", str(history))[3:])
+    assert code == 0
     result = json.loads(result_file.read_text(encoding="utf-8"))
-    assert last_line_json(done.stdout) == result
+    assert last_line_json(capsys.readouterr().out) == result
     pairs = result["examples"]["pairs"]
     assert result["outcome"] == "skipped" and 0 < pairs < 100
     assert result["reason"] == f"too little data: {pairs} < 100 examples"
@@ -92,9 +151,11 @@ def test_failures_exit_non_zero_with_a_reason(
     assert result["outcome"] == "failed" and "401" in result["reason"] and "HISTORY_TOKEN" in result["reason"]
     assert not root.exists()
 
+    result_file.unlink()
     assert main(trainer_cmd(base_model_dir, root, result_file)[3:]) == 2
     assert last_line_json(capsys.readouterr().out)["reason"] == (
         "usage: give exactly one of --history-url or --history-file")
+    assert json.loads(result_file.read_text(encoding="utf-8"))["outcome"] == "failed"
     assert main(["--history-file", "x.jsonl"]) == 2
     assert last_line_json(capsys.readouterr().out)["reason"] == "usage: --character is required"
     monkeypatch.setenv("TRAINER_EPOCHS", "three")

@@ -537,18 +537,36 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def _result_file_hint(argv: Sequence[str] | None) -> str | None:
+    """Where the result goes when the command line itself is wrong: --result-file if it can be read, else its env."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        if arg == "--result-file" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--result-file="):
+            return arg.split("=", 1)[1]
+    return _env("--result-file") or default_result_file()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _check(args)
     except UsageError as exc:
         character = _env("--character") or ""
-        emit(Result("failed", character, reason=f"usage: {exc}"), default_result_file())
+        emit(Result("failed", character, reason=f"usage: {exc}"), _result_file_hint(argv))
         return 2
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run_cli(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
     modules = None if args.target_modules.strip().lower() == "auto" else args.target_modules.split(",")
     tuner = CharacterFineTuning(
         args.base_model,
