@@ -127,3 +127,19 @@ def test_too_little_data_raises_before_loading_any_model(tmp_path: Path, history
         tuner(tmp_path / "no-model", history_file, tmp_path / "out", min_examples=100000).run(
             "lumina", started=STARTED)
     assert not (tmp_path / "out").exists()
+
+
+def test_gradient_accumulation_and_token_count(base_model_dir: Path, first_run: RunReport, tmp_path: Path) -> None:
+    from peft import get_peft_model
+    from training.collate import tokenize_example
+    from training.train import train_lora
+
+    tuner = CharacterFineTuning(str(base_model_dir))
+    records = json.loads((first_run.path / "train_data.json").read_text(encoding="utf-8"))[:24]
+    tokenizer = tuner._load_tokenizer()
+    model = get_peft_model(tuner._load_base(), tuner.lora_config)
+    _, stats = train_lora(model, tokenizer, records, work_dir=str(tmp_path), epochs=1, batch_size=4,
+                          gradient_accumulation_steps=2)
+    assert stats.steps == 3  # 24 examples / (4 per batch x 2 batches per optimizer step)
+    # tokens/s counts real tokens only: exactly the examples' lengths, whatever the padding.
+    assert stats.tokens == sum(len(tokenize_example(r, tokenizer, 512)["input_ids"]) for r in records)
