@@ -318,7 +318,9 @@ class Controller:
         meta = cr["metadata"]
         new = record_run(status, record, result, decision, history_limit=self.settings.history_limit)
         new = finalize(spec, meta.get("annotations") or {}, new, Observed(int(meta.get("generation") or 0)), now)
-        self._job_seen[(meta["namespace"], meta["name"], result.version)] = time.monotonic()
+        if decision.verdict == "promote":
+            # Start of the "finished Job → Deployment patched" latency; only an approved version gets patched.
+            self._job_seen[(meta["namespace"], meta["name"], result.version)] = time.monotonic()
         self._write_status(cr, status, new)
         log.info("recorded Job %s/%s for %s: %s (%s)", namespace, job_meta["name"], meta["name"],
                  record["outcome"], record.get("reason"))

@@ -11,7 +11,6 @@ import pytest
 from finetune_operator.manifests import build_cronjob
 from finetune_operator.settings import Settings
 from finetune_operator.spec import FineTuneSpec
-from training import lora_tuning
 
 
 @pytest.mark.parametrize("extra", [
@@ -22,6 +21,8 @@ from training import lora_tuning
      "training": {"epochs": 1, "batchSize": 2, "learningRate": 0.001, "maxLength": 128}},
 ])
 def test_trainer_parses_the_operators_command_line(spec_dict: dict[str, Any], extra: dict[str, Any]) -> None:
+    from training import lora_tuning  # imported here: it pulls in torch, slow to collect
+
     spec = FineTuneSpec.from_dict({**spec_dict, **extra})
     cronjob = build_cronjob(name="lumina", namespace="chat", spec=spec, serving_version="20261026T030000Z",
                             settings=Settings())

@@ -315,3 +315,20 @@ def test_two_replicas_with_peering_process_each_run_once(env: Env) -> None:
         assert env.deployment()["metadata"]["generation"] == 2
     finally:
         second.stop()
+
+
+def test_missing_target_is_an_error_until_it_appears(env: Env) -> None:
+    env.operator.start()
+    env.apply_cft("lumina", target={"deployment": "chat-later"})
+    status = env.wait_status("lumina", "phase Error", lambda s: s.get("phase") == "Error")
+    assert "chat-later" in status["lastError"]
+    assert env.condition("lumina", "Ready")["reason"] == "TargetError"
+    env.run_job("lumina", "lumina-1", trained("lumina", V1, adapter=2.0))
+    env.wait_status("lumina", "run recorded, still no target", lambda s: s.get("approvedVersion") == V1)
+    later = env.deployment()
+    later["metadata"] = {"name": "chat-later"}
+    later.pop("status", None)
+    env.kubectl("apply", "-f", "-", input=json.dumps(later))
+    # Picked up by the periodic resync (3 s in tests): promoted, Ready.
+    env.wait_status("lumina", "Ready on V1", lambda s: s.get("phase") == "Ready" and s.get("servingVersion") == V1)
+    assert env.status("lumina").get("lastError") is None
