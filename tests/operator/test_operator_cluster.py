@@ -12,6 +12,7 @@ from typing import Any
 
 import operator_harness as harness
 import pytest
+from devkit.podrunner import pvc_local_path
 from finetune_operator.manifests import build_cronjob
 from finetune_operator.settings import Settings
 from finetune_operator.spec import FineTuneSpec
@@ -259,14 +260,19 @@ def test_delete_removes_children_and_mount_but_keeps_adapters(env: Env) -> None:
     env.run_job("lumina", "lumina-1", trained("lumina", V1, adapter=2.0))
     env.wait_status("lumina", "Ready on V1", lambda s: s.get("phase") == "Ready")
     assert env.get("jobs", "-l", "llmmultichat.io/finetune=lumina")["items"]
+    # An adapter on the volume, as the trainer publishes it (contract §2).
+    adapter = pvc_local_path(env.cluster, env.ns, "adapters") / "lora_lumina" / V1
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_config.json").write_text("{}")
     env.kubectl("delete", "cft", "lumina", "--timeout=30s")
     wait_until("mount removed", lambda: env.mounts() == {}, timeout=20)
     annotations = env.deployment()["spec"]["template"]["metadata"].get("annotations") or {}
     assert "llmmultichat.io/adapter-lumina" not in annotations
     wait_until("CronJob gone", lambda: env.maybe_get("cronjob", "lumina-finetune") is None, timeout=30)
     wait_until("Jobs gone", lambda: not env.get("jobs", "-l", "llmmultichat.io/finetune=lumina")["items"], timeout=30)
-    # The adapter volume (the user's data) stays.
+    # The adapter volume (the user's data) stays, with its adapters.
     assert env.get("pvc", "adapters")["status"]["phase"] == "Bound"
+    assert (adapter / "adapter_config.json").read_text() == "{}"
     # And the base-model mount of the chat container was never ours to touch.
     container = env.deployment()["spec"]["template"]["spec"]["containers"][0]
     assert [m["mountPath"] for m in container["volumeMounts"]] == ["/models/base"]
