@@ -49,6 +49,7 @@ from .status import Event, Observed, finalize, mark_active, plan_serving, record
 
 log = logging.getLogger(__name__)
 CONFLICT_MANAGER = re.compile(r'conflict with "([^"]+)"')
+ERROR_RETRY_SECONDS = 10.0
 
 
 class StatusConflict(Exception):
@@ -169,8 +170,11 @@ class Controller:
         if new_status.get("servingVersion") != status.get("servingVersion"):
             # The trainer's --serving-version follows what serves.
             self._apply_cronjob(cr, spec, new_status.get("servingVersion"))
-        in_flight = bool(new_status.get("rollout"))
-        return self.settings.rollout_poll_seconds if in_flight else self.settings.resync_seconds
+        if new_status.get("rollout"):
+            return self.settings.rollout_poll_seconds
+        if target_error or cronjob_error:
+            return min(self.settings.resync_seconds, ERROR_RETRY_SECONDS)  # often transient: retry soon
+        return self.settings.resync_seconds
 
     def _apply_cronjob(self, cr: Mapping[str, Any], spec: FineTuneSpec, serving: str | None) -> str | None:
         meta = cr["metadata"]
