@@ -27,8 +27,10 @@ WATCHED_NAMESPACES: list[str] = list(SETTINGS.namespaces)
 log = logging.getLogger(__name__)
 
 
-def controller(memo: Any) -> Controller:
-    return memo["controller"] if isinstance(memo, dict) else memo.controller
+def controller(memo: kopf.Memo) -> Controller:
+    # Set once at startup; kopf hands every handler a shallow copy of the operator's memo.
+    ctl: Controller = memo.controller
+    return ctl
 
 
 @kopf.on.login()
