@@ -252,6 +252,12 @@ def test_manual_promotion_pin_and_unpin(env: Env) -> None:
     assert status["previousVersion"] == V2 and env.mounts() == {"/models/lora_lumina": f"lora_lumina/{V1}"}
     env.kubectl("patch", "cft", "lumina", "--type=json", "-p", '[{"op":"remove","path":"/spec/pinnedVersion"}]')
     env.wait_status("lumina", "unpinned: V2", lambda s: s.get("phase") == "Ready" and s.get("servingVersion") == V2)
+    # Someone removes the mount by hand: it is put back (periodic resync).
+    mounts = env.deployment()["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    index = next(i for i, m in enumerate(mounts) if m["mountPath"] == "/models/lora_lumina")
+    env.kubectl("patch", "deployment", "chat", "--type=json", "-p", json.dumps(
+        [{"op": "remove", "path": f"/spec/template/spec/containers/0/volumeMounts/{index}"}]))
+    wait_until("mount restored", lambda: env.mounts() == {"/models/lora_lumina": f"lora_lumina/{V2}"}, timeout=20)
 
 
 def test_delete_removes_children_and_mount_but_keeps_adapters(env: Env) -> None:
