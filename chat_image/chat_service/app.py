@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -11,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -58,6 +59,10 @@ class Service:
     models: ModelManager
     metrics: Metrics
     history_token: str | None
+    # Generations run one at a time (one model). Requests wait for their turn here, on the event loop, instead of
+    # each blocking a threadpool thread on the model lock: with 40+ queued chats the pool would otherwise be full,
+    # and /readyz or history requests (which need a thread) would stall behind them.
+    generation_gate: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def character(self, name: str) -> Character:
         character = self.characters.get(name)
@@ -196,23 +201,26 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     # ------------------------------------------------------------------ chat
 
     @app.post("/v1/chat", response_model=ChatResponse, tags=["chat"], summary="Send a message, get the reply")
-    def chat(body: ChatRequest, service: ServiceDep) -> ChatResponse:
+    async def chat(body: ChatRequest, service: ServiceDep) -> ChatResponse:
         character = service.character(body.character)
         service.check_message(body.message, ("body", "message"))
         models = service.require_model()
         session_id = body.session_id or f"s-{uuid.uuid4().hex}"
         # Twice the turns needed: empty messages are skipped when the context is built.
-        earlier = service.store.recent_messages(character.name, session_id, 2 * models.context_turns(character.name))
+        wanted = 2 * models.context_turns(character.name)
+        earlier = await run_in_threadpool(service.store.recent_messages, character.name, session_id, wanted)
         defaults = character.generation
-        result = models.generate(
-            character.name,
-            body.message,
-            service.context_for(character, [Turn(m.role, m.content) for m in earlier]),
-            max_tokens=min(body.max_tokens or defaults.max_tokens, service.settings.max_tokens_limit),
-            temperature=defaults.temperature if body.temperature is None else body.temperature,
-            top_p=defaults.top_p,
-        )
-        user, reply = service.record(character, session_id, body.message, result)
+        async with service.generation_gate:
+            result = await run_in_threadpool(
+                models.generate,
+                character.name,
+                body.message,
+                service.context_for(character, [Turn(m.role, m.content) for m in earlier]),
+                max_tokens=min(body.max_tokens or defaults.max_tokens, service.settings.max_tokens_limit),
+                temperature=defaults.temperature if body.temperature is None else body.temperature,
+                top_p=defaults.top_p,
+            )
+        user, reply = await run_in_threadpool(service.record, character, session_id, body.message, result)
         return ChatResponse(
             reply=reply.content,
             message_id=reply.id,
@@ -278,7 +286,8 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         headers = {"X-Session-Id": session_id}
 
         if not body.stream:
-            result = await run_in_threadpool(models.generate, character.name, instruction, context, **params)
+            async with service.generation_gate:
+                result = await run_in_threadpool(models.generate, character.name, instruction, context, **params)
             _, reply = await run_in_threadpool(service.record, character, session_id, instruction, result)
             return JSONResponse(
                 {
@@ -307,7 +316,6 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
                 headers=headers,
             )
 
-        handle = models.stream(character.name, instruction, context, **params)
         adapter_version = models.adapter_for(character.name).serving_version
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
@@ -324,8 +332,12 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
 
         async def events() -> AsyncIterator[str]:
             finished = False
+            handle = None
+            # Held for the whole stream; released in `finally` also when the client leaves while waiting.
+            await service.generation_gate.acquire()
             try:
                 yield chunk({"role": "assistant", "content": ""})
+                handle = models.stream(character.name, instruction, context, **params)
                 # The stored reply is stripped, so the stream drops leading whitespace and holds back trailing
                 # whitespace until more text follows: the streamed text is exactly the stored reply.
                 started = False
@@ -367,9 +379,13 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
                 yield "data: [DONE]\n\n"
                 finished = True
             finally:
-                if not finished:
+                if handle is not None and not finished:
                     # Client went away (or we failed): stop generating; nothing unfinished is stored.
                     handle.cancel.set()
+                # No await here: in a cancelled scope it would raise again and the gate would never be released.
+                # The next generation may start before this thread has noticed the cancel; the model lock inside
+                # ModelManager.generate still keeps them apart.
+                service.generation_gate.release()
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
@@ -503,14 +519,14 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     # ------------------------------------------------------------------ operations
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["operations"], summary="Readiness: model loaded and store reachable; per character")
-    def readyz(service: ServiceDep) -> JSONResponse:
+    async def readyz(service: ServiceDep) -> JSONResponse:
         store_ok, store_error = True, None
         try:
-            service.store.ping()
+            await run_in_threadpool(service.store.ping)
         except Exception as exc:
             store_ok, store_error = False, f"{type(exc).__name__}: {exc}"
         models = service.models
@@ -532,7 +548,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
-    def prometheus_metrics(service: ServiceDep) -> Response:
+    async def prometheus_metrics(service: ServiceDep) -> Response:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -384,3 +386,44 @@ def test_concurrent_chats_match_serial_ones(make_settings: Callable[..., Setting
         for thread in threads:
             thread.join()
         assert results == serial
+
+
+def test_health_and_history_answer_while_many_chats_queue(make_settings: Callable[..., Settings], kit) -> None:
+    """Queued generations wait on the event loop, not in threadpool threads (40), so with more queued chats than
+    pool threads the probes and the history API still get a thread and answer at once."""
+    import asyncio
+
+    def threads_in_generate() -> int:
+        """Threads now inside ModelManager.generate (running it or waiting for the model lock)."""
+        count = 0
+        for frame in sys._current_frames().values():
+            while frame is not None:
+                if frame.f_code.co_name == "generate" and frame.f_code.co_filename.endswith("generation.py"):
+                    count += 1
+                    break
+                frame = frame.f_back
+        return count
+
+    async def run(base: str) -> tuple[float, float, int, int, list[int]]:
+        async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+            body = {"character": "sora", "message": "hi", "max_tokens": 4, "temperature": 0}
+            chats = [asyncio.create_task(client.post("/v1/chat", json=body)) for _ in range(50)]
+            await asyncio.sleep(1.0)  # let them all arrive and queue
+            threads = threads_in_generate()
+            started = time.perf_counter()
+            assert (await client.get("/readyz")).status_code == 200
+            probe = time.perf_counter() - started
+            started = time.perf_counter()
+            assert (await client.get("/v1/history", params={"character": "sora"}, headers=kit.auth)).status_code == 200
+            history_seconds = time.perf_counter() - started
+            pending = sum(not task.done() for task in chats)
+            statuses = [(await task).status_code for task in chats]
+            return probe, history_seconds, threads, pending, statuses
+
+    with kit.serve(make_settings()) as base:
+        # The server runs in this process, so its threads' stacks can be inspected.
+        probe, history_seconds, threads, pending, statuses = asyncio.run(run(base))
+    assert pending > 10, "the test needs chats still queued while it probes"
+    assert threads <= 1, f"{threads} threads inside generate: queued chats are holding threadpool threads"
+    assert probe < 2.0 and history_seconds < 2.0, (probe, history_seconds)
+    assert statuses == [200] * 50
