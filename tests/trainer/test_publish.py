@@ -69,3 +69,18 @@ def test_result_json_fits_4096_bytes_and_keeps_its_shape() -> None:
                        "serving_version": None, "examples": {"pairs": 42}, "metrics": {},
                        "reason": "too little data: 42 < 100 examples", "trainer_version": "0.1.0"}
     assert Result("skipped", "lumina").exit_code == 0
+
+
+def test_check_writable_refuses_existing_versions_and_unwritable_volumes(tmp_path: Path) -> None:
+    from training.publish import check_writable
+
+    check_writable(tmp_path, "lumina", "20261126T030000Z")
+    assert list((tmp_path / "lora_lumina").iterdir()) == []  # the probe is gone
+    publish(tmp_path, "lumina", "20261126T030000Z", write_files)
+    with pytest.raises(PublishError, match="already exists"):
+        check_writable(tmp_path, "lumina", "20261126T030000Z")
+    # A volume that cannot hold the directory (here a file in its place; a read-only mount in a pod).
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "lora_lumina").write_text("not a directory")
+    with pytest.raises(PublishError, match="cannot write to the adapter volume"):
+        check_writable(tmp_path / "other", "lumina", "20261127T030000Z")

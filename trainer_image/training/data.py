@@ -225,7 +225,3 @@ def split_by_session(examples: Sequence[Example], eval_fraction: float = 0.1) ->
     train = [e for e in examples if e.session_id not in eval_sessions]
     held_out = [e for e in examples if e.session_id in eval_sessions]
     return train, held_out
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

@@ -32,7 +32,7 @@ from . import __version__
 from .data import PROMPT_TEMPLATE, DataError, Example, pair_messages, split_by_session
 from .evaluate import adapter_disabled, eval_loss, sample_replies
 from .history import HistoryClient, read_history_file, rfc3339
-from .publish import character_dir, list_versions, prune, publish, version_for
+from .publish import character_dir, check_writable, list_versions, prune, publish, version_for
 from .result import Result, default_result_file, emit
 from .train import train_lora
 
@@ -79,6 +79,10 @@ def detect_target_modules(base_model: str) -> list[str] | None:
 
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _init_distributed() -> None:
@@ -292,6 +296,9 @@ class CharacterFineTuning:
             lambda: (moment, self.prepare_data(character_name, days, moment))
         )
         version = version_for(started)
+        if _rank() == 0:
+            # Before spending the training time: a version that exists or a volume we cannot write ends it now.
+            check_writable(self.output_root, character_name, version)
         train_records = [e.alpaca() for e in train]
         eval_records = [e.alpaca() for e in held_out]
         log.info("split by session: %d train, %d eval examples", len(train_records), len(eval_records))
@@ -617,7 +624,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             examples={"pairs": report.pairs, "train": report.train_examples, "eval": report.eval_examples},
             metrics=report.metrics,
         )
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here; one result for the job
+    if _rank() == 0:  # under torchrun every rank gets here; one result for the job
         emit(result, args.result_file)
     return exit_code if exit_code is not None else result.exit_code
 

@@ -74,6 +74,19 @@ def _remove_stale_tmp(directory: Path) -> None:
             continue
 
 
+def check_writable(root: str | Path, character: str, version: str) -> None:
+    """Fail early (before training) when ``version`` exists or the character's directory cannot be written."""
+    directory = character_dir(root, character)
+    if (directory / version).exists():
+        raise PublishError(f"version {directory / version} already exists; published versions are never modified")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".tmp-probe-", dir=directory):
+            pass
+    except OSError as exc:
+        raise PublishError(f"cannot write to the adapter volume at {directory}: {exc}") from exc
+
+
 def publish(root: str | Path, character: str, version: str, write: Callable[[Path], None]) -> Path:
     """Create ``<root>/lora_<character>/<version>/`` atomically: ``write`` fills a hidden temp dir, then it is
     renamed. On any exception (including SIGTERM turned into SystemExit) the temp dir is removed."""
