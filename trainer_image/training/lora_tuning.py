@@ -39,6 +39,9 @@ from .train import train_lora
 log = logging.getLogger("training")
 
 SAMPLE_COUNT = 3
+# Context in the Alpaca `input` is cut to its last this many characters; the chat service cuts the same way
+# (CHAT_CONTEXT_CHARS, default 1000), and the manifest records it.
+CONTEXT_CHARS = 1000
 T = TypeVar("T")
 
 
@@ -223,7 +226,8 @@ class CharacterFineTuning:
 
     def _create_training_data(self, conversations: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
         """Alpaca records (``instruction``/``input``/``output``) from messages; rules in ``training.data``."""
-        return [e.alpaca() for e in pair_messages(conversations, context_turns=self.context_turns).examples]
+        pairing = pair_messages(conversations, context_turns=self.context_turns, context_chars=CONTEXT_CHARS)
+        return [e.alpaca() for e in pairing.examples]
 
     # -- model --------------------------------------------------------------------------------------------------
 
@@ -263,7 +267,7 @@ class CharacterFineTuning:
     ) -> tuple[int, dict[str, int], list[Example], list[Example]]:
         """Collect, pair, cap and split. Raises ``InsufficientDataError`` below ``min_examples``."""
         messages = self._collect_conversations(character_name, days, until=until)
-        pairing = pair_messages(messages, context_turns=self.context_turns)
+        pairing = pair_messages(messages, context_turns=self.context_turns, context_chars=CONTEXT_CHARS)
         examples = pairing.examples
         if self.max_examples is not None and len(examples) > self.max_examples:
             examples = examples[-self.max_examples :]  # the newest: the character as it is now
@@ -356,6 +360,7 @@ class CharacterFineTuning:
                 "eval_examples": len(held_out),
                 "eval_sessions": len({e.session_id for e in held_out}),
                 "context_turns": self.context_turns,
+                "context_chars": CONTEXT_CHARS,
                 "dropped": dropped,
             },
             "lora": {
