@@ -257,3 +257,27 @@ def test_corrupted_adapter_over_http_still_answers_and_reports(
     assert 'chat_adapter_state{character="lumina",reason="incompatible",state="failed"} 1.0' in metrics
     assert 'chat_adapter_info{character="lumina",version="base"} 1.0' in metrics
     assert characters[0]["adapter"]["reason"] == "incompatible"
+
+
+def test_stream_cancel_stops_generation(
+    make_settings: Callable[..., Settings], adapters_root: Path, adapter_template: Path, kit
+) -> None:
+    """Setting the cancel event (what the SSE endpoint does when the client leaves) ends generation early."""
+    kit.mount_adapter(adapter_template, adapters_root, "lumina")
+    models = manager(make_settings())
+    params = {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+    full = models.stream("lumina", "こんにちは", (), **params)
+    streamed = "".join(full.pieces)
+    result = full.finish()
+    # Precondition: this perturbed adapter rambles to the limit, so an early stop is visible.
+    assert (result.finish_reason, result.completion_tokens) == ("length", 64)
+    assert streamed.strip() == result.text
+
+    cancelled = models.stream("lumina", "こんにちは", (), **params)
+    next(cancelled.pieces)
+    cancelled.cancel.set()
+    for _ in cancelled.pieces:
+        pass
+    stopped = cancelled.finish()
+    assert stopped.completion_tokens < 64
+    assert stopped.finish_reason == "stop"
