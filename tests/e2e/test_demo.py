@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from devkit import demo
 from devkit.cluster import Cluster
 

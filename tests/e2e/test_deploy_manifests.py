@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from devkit.cluster import Cluster
 from devkit.demo import REPO
 

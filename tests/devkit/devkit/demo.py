@@ -12,10 +12,12 @@ Rerunning is safe: every step converges on what is already there, and each run p
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +35,7 @@ import yaml
 from devkit import conversations
 from devkit.cluster import Cluster, ensure_cluster
 from devkit.model import ensure_embedded_model
-from devkit.podrunner import LocalPod, run_pod, start_pod_process, wait_for_pod
+from devkit.podrunner import LocalPod, pvc_local_path, run_pod, start_pod_process, wait_for_pod
 
 REPO = Path(__file__).resolve().parents[3]
 NAMESPACE = "llmmultichat"
@@ -81,8 +83,6 @@ def wait_until(what: str, probe: Callable[[], T | None], timeout: float, interva
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -100,8 +100,6 @@ def apply_manifests(cluster: Cluster) -> None:
 def set_history_token(cluster: Cluster) -> str:
     """Replace the Secret template's placeholder with a random token (kept when it is already set)."""
     secret = kube_json(cluster, "-n", NAMESPACE, "get", "secret", "chat-history-token")
-    import base64
-
     current = base64.b64decode(secret.get("data", {}).get("token", "")).decode()
     if current and current != "change-me-before-use":
         return current
@@ -163,8 +161,6 @@ def operator_process(cluster: Cluster, workdir: Path, metrics_port: int) -> Iter
 
 def place_base_model(cluster: Cluster, model: Path) -> None:
     """Copy the embedded model onto the base-model volume, where chat and trainer pods mount it."""
-    from devkit.podrunner import pvc_local_path
-
     target = pvc_local_path(cluster, NAMESPACE, BASE_MODEL_CLAIM) / MODEL_DIR
     if (target / ".source").exists() and (target / ".source").read_text() == str(model):
         return
@@ -256,7 +252,7 @@ def run_training_now(cluster: Cluster, name: str, character: str) -> dict[str, A
     cluster.kubectl("-n", NAMESPACE, "create", "job", f"--from=cronjob/{cronjob}", job)
     pod = wait_for_pod(cluster, NAMESPACE, f"job-name={job}", phase="Running", timeout=120)
     print(f"    job {job}: trainer pod {pod} runs as a local process", flush=True)
-    result = run_pod(cluster, NAMESPACE, pod, env_overrides={"HF_HUB_OFFLINE": "1"}, timeout=1800)
+    result = run_pod(cluster, NAMESPACE, pod, env_overrides={"HF_HUB_OFFLINE": "1"}, timeout=1800, echo=sys.stdout)
     if result.exit_code != 0:
         raise RuntimeError(f"trainer failed ({result.exit_code}): {result.message}\n{result.stderr[-3000:]}")
     return json.loads(result.message)
@@ -351,9 +347,10 @@ def print_summary(cluster: Cluster, result: DemoResult) -> None:
     metrics = report.metrics
     step("The run")
     print(f"    serving version     {report.version_before or '(base)'} -> {report.version_after}")
-    print(f"    eval loss           base {metrics['eval_loss_base']:.3f}  ->  adapter {metrics['eval_loss_adapter']:.3f}")
+    print(f"    eval loss           base {metrics['eval_loss_base']:.3f} -> adapter {metrics['eval_loss_adapter']:.3f}")
     print(f"    style score         {report.style_before:.2f} -> {report.style_after:.2f}")
-    print(f"    tokens/s, duration  {metrics.get('tokens_per_second', 0):.0f}, {metrics.get('duration_seconds', 0):.0f}s")
+    print(f"    tokens/s            {metrics.get('tokens_per_second', 0):.0f}")
+    print(f"    training run        {metrics.get('duration_seconds', 0):.0f}s")
     step("Replies before / after")
     for before, after in zip(report.replies_before, report.replies_after, strict=True):
         print(f"    before: {before[:100]!r}\n    after:  {after[:100]!r}\n")

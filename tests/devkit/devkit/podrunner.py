@@ -22,11 +22,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, TextIO
 
 from devkit.cluster import Cluster, ClusterError
 
@@ -281,12 +282,23 @@ def _volume_sources(cluster: Cluster, pod: dict[str, Any], sandbox: Path, refs: 
 
 
 def _path_rewriter(mounts: list[str], sandbox: Path) -> Callable[[str], str]:
-    """Replaces each container path that starts with a mount path by its sandbox twin (longest mount first)."""
+    """Replaces each container path that starts with a mount path by its sandbox twin (longest mount first).
+
+    A value that is exactly a directory *holding* mounts (`/models` for a mount at `/models/lora_lumina`, the chat
+    service's adapters root) maps to its sandbox twin too: in the container it is the directory of those mount
+    points, and so is `<sandbox>/models`. Only whole values, so `/dev/null` stays itself beside `/dev/shm`."""
     if not mounts:
         return lambda text: text
     alternatives = "|".join(re.escape(m.rstrip("/") or "/") for m in sorted(mounts, key=len, reverse=True))
     pattern = re.compile(rf"(?<![\w./-])({alternatives})(?=/|$|[^\w.-])")
-    return lambda text: pattern.sub(lambda m: str(sandbox) + m.group(1), text)
+    holders = {str(parent) for m in mounts for parent in PurePosixPath(m).parents if str(parent) != "/"}
+
+    def rewrite(text: str) -> str:
+        if text.rstrip("/") in holders:
+            return str(sandbox) + text.rstrip("/")
+        return pattern.sub(lambda m: str(sandbox) + m.group(1), text)
+
+    return rewrite
 
 
 def _prepare(cluster: Cluster, namespace: str, pod_name: str, env_overrides: dict[str, str] | None,
@@ -355,15 +367,45 @@ def _termination_message(prepared: _Prepared, exit_code: int, stdout: str, stder
     return message
 
 
+def _run_captured(prepared: _Prepared, timeout: float | None, echo: TextIO | None) -> subprocess.CompletedProcess[str]:
+    """Like `subprocess.run(capture_output=True)`, but each output line is also written to `echo` as it comes, so
+    a person watching a long run (the demo's trainer) sees its progress."""
+    process = subprocess.Popen(prepared.argv, env=prepared.env, cwd=prepared.cwd, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    captured: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def pump(name: str, stream: TextIO) -> None:
+        for line in stream:
+            captured[name].append(line)
+            if echo is not None:
+                echo.write(f"    | {line}")
+                echo.flush()
+
+    pumps = [threading.Thread(target=pump, args=(name, getattr(process, name)), daemon=True) for name in captured]
+    for thread in pumps:
+        thread.start()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        for thread in pumps:
+            thread.join()
+    return subprocess.CompletedProcess(prepared.argv, process.returncode, "".join(captured["stdout"]),
+                                       "".join(captured["stderr"]))
+
+
 def run_pod(cluster: Cluster, namespace: str, pod_name: str, *, env_overrides: dict[str, str] | None = None,
-            timeout: float | None = None) -> PodRunResult:
+            timeout: float | None = None, echo: TextIO | None = None) -> PodRunResult:
     """Runs the pod's first container as a local process to completion, then releases the pod with its exit code and
-    termination message. On timeout the process is killed, the pod released as Failed (137) and PodRunError raised."""
+    termination message. On timeout the process is killed, the pod released as Failed (137) and PodRunError raised.
+    With `echo`, the process's output is also streamed there line by line."""
     prepared = _prepare(cluster, namespace, pod_name, env_overrides, None)
     try:
         try:
-            done = subprocess.run(prepared.argv, env=prepared.env, cwd=prepared.cwd, capture_output=True, text=True,
-                                  timeout=timeout)
+            done = _run_captured(prepared, timeout, echo)
         except subprocess.TimeoutExpired as exc:
             release_pod(cluster, namespace, pod_name, exit_code=137,
                         message=f"podrunner: killed after {timeout}s without finishing")
