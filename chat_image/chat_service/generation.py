@@ -40,6 +40,7 @@ class AdapterStatus:
     version: str | None = None
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     context_turns: int | None = None  # from manifest data.context_turns: what the adapter was trained with
+    context_chars: int | None = None  # from manifest data.context_chars: the trainer's cut of that context
     reason: str | None = None  # short machine-readable cause, also a metric label
     error: str | None = None  # the full message for people
     warnings: list[str] = field(default_factory=list)
@@ -113,9 +114,10 @@ def read_manifest(directory: Path, character: str) -> dict[str, Any]:
     if unknown:
         raise AdapterError("invalid_manifest", f"{path} 'prompt_template' has unknown fields {sorted(unknown)}")
     data = manifest.get("data", {})
-    context_turns = data.get("context_turns") if isinstance(data, dict) else None
-    if context_turns is not None and (not isinstance(context_turns, int) or context_turns < 0):
-        raise AdapterError("invalid_manifest", f"{path} 'data.context_turns' must be a non-negative integer")
+    for key in ("context_turns", "context_chars"):
+        value = data.get(key) if isinstance(data, dict) else None
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise AdapterError("invalid_manifest", f"{path} 'data.{key}' must be a non-negative integer")
     return manifest
 
 
@@ -195,6 +197,7 @@ class ModelManager:
             status.prompt_template = manifest.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
             data = manifest.get("data")
             status.context_turns = data.get("context_turns") if isinstance(data, dict) else None
+            status.context_chars = data.get("context_chars") if isinstance(data, dict) else None
             for label, recorded in (
                 ("manifest base_model", manifest.get("base_model")),
                 ("adapter_config base_model_name_or_path", peft_config.base_model_name_or_path),
@@ -216,6 +219,7 @@ class ModelManager:
             status.version = None
             status.prompt_template = DEFAULT_PROMPT_TEMPLATE
             status.context_turns = None
+            status.context_chars = None
             status.reason = exc.reason
             status.error = str(exc)
             log.error("adapter for %s not used, serving base: %s", name, exc)
@@ -256,11 +260,12 @@ class ModelManager:
         """
         status = self.adapter_for(character)
         limit = self.settings.max_prompt_tokens
+        max_chars = self.settings.context_chars
+        if status.state == "loaded" and status.context_chars is not None:
+            max_chars = status.context_chars  # the cut the adapter was trained with
         turns = list(context)
         while True:
-            text = status.prompt_template.format(
-                instruction=instruction, input=format_context(turns, self.settings.context_chars)
-            )
+            text = status.prompt_template.format(instruction=instruction, input=format_context(turns, max_chars))
             ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) <= limit or not turns:
                 return ids[-limit:]

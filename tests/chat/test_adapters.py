@@ -178,9 +178,9 @@ def test_prompt_template_and_context_come_from_the_manifest(
     lumina_dir = kit.mount_adapter(adapter_template, adapters_root, "lumina")
     manifest = json.loads((lumina_dir / "manifest.json").read_text())
     template = "### Q\n{instruction}\n### Context\n{input}\n### A\n"
-    manifest |= {"prompt_template": template, "data": {"context_turns": 2}}
+    manifest |= {"prompt_template": template, "data": {"context_turns": 2, "context_chars": 40}}
     (lumina_dir / "manifest.json").write_text(json.dumps(manifest))
-    models = manager(make_settings(context_chars=40))
+    models = manager(make_settings(context_chars=5))  # the manifest's 40 wins for lumina
     assert models.context_turns("lumina") == 2
     assert models.context_turns("sora") == 0  # no adapter: CHAT_CONTEXT_MESSAGES, default 0 (empty input)
     earlier = [Turn("user", "old"), Turn("assistant", "first\nline"), Turn("user", "x" * 10)]
@@ -195,6 +195,8 @@ def test_prompt_template_and_context_come_from_the_manifest(
     assert format_context([Turn("system", "persona"), Turn("user", "c" * 50)], 10) == "system: persona\n" + "c" * 10
     ids = models.build_prompt("sora", "hi", [])
     assert models.tokenizer.decode(ids) == "Instruction: hi\nInput: \nOutput: "
+    ids = models.build_prompt("sora", "hi", [Turn("user", "abcdefgh")])  # no adapter: CHAT_CONTEXT_CHARS (5)
+    assert models.tokenizer.decode(ids) == "Instruction: hi\nInput: defgh\nOutput: "
 
 
 def test_long_prompts_are_cut_by_the_rule(make_settings: Callable[..., Settings]) -> None:
