@@ -43,6 +43,13 @@ cluster-up: venv control-plane
 cluster-down: venv
 	$(PY) -m devkit.cluster down
 
+# The CPU benchmarks (bench/, results in docs/benchmarks.md), one after another: ~20 min in all. Not tests: they
+# measure and print tables; none of them runs in `make test`.
+bench: venv control-plane
+	$(PY) bench/train_throughput.py
+	$(PY) bench/operator_scale.py
+	$(PY) bench/chat_latency.py
+
 # Container images, where a Docker engine exists (not on CI here: see README).
 IMAGE_TAG ?= 4.0.0
 images:

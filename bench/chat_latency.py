@@ -1,0 +1,311 @@
+"""Chat service latency with and without LoRA adapters, and history paging speed, over real HTTP.
+
+    .venv/bin/python bench/chat_latency.py                 # ~4 min on 2 shared cores
+    .venv/bin/python bench/chat_latency.py --quick         # smoke run, numbers mean nothing
+
+Two ``python -m chat_service`` processes (as in a pod: own process, SQLite file, ``CHAT_TORCH_THREADS``) on the
+embedded model:
+
+- ``plain``: no adapter directory at all — the base model without PEFT;
+- ``lora``: four characters with LoRA adapters (r 8 on ``c_attn``, the trainer's config, saved with
+  ``save_pretrained`` plus a contract §2 ``manifest.json``) and one character without, served by the same PEFT model
+  with the adapter disabled.
+
+Adapters are freshly initialised (PEFT's default: random A, zero B), so every reply is token for token the base
+model's reply: the scenarios generate the same tokens and differ only in the adapter's compute and switching. Personas
+are empty, so base and adapter prompts are the same text. Greedy decoding, ``max_tokens`` fixed.
+
+Scenarios, interleaved in rounds (so load on the shared machine hits them alike), each round a block of requests sent
+by ``--clients`` concurrent clients:
+
+==============  ================================================================================================
+base            ``plain`` service, character without adapter
+base-on-peft    ``lora`` service, the character without adapter (``disable_adapter()`` on the PEFT model)
+one adapter     ``lora`` service, always the same adapter character
+mixed           ``lora`` service, the four adapter characters round-robin: every request switches adapter
+==============  ================================================================================================
+
+History: 10 000 and 100 000 messages imported through ``POST /v1/history``, then paged out with ``GET /v1/history``
+(pages of 500 and 1000) as the trainer does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _common import log, machine, percentile, table, write_json
+
+TOKEN = "bench-token"
+ADAPTER_CHARACTERS = ("lumina", "sora", "hikari", "kumo")
+BASE_CHARACTER = "plain"
+HISTORY_CHARACTERS = ("archive-a", "archive-b")  # hold the imported history only: chat requests never touch them
+PROMPT_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nOutput: "  # contract §2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_adapter(base_model: Path, root: Path, character: str, version: str) -> None:
+    """A LoRA adapter as the trainer publishes it, but untrained: its output equals the base model's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(len(character))
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model), config)
+    directory = root / f"lora_{character}"
+    model.save_pretrained(directory)
+    manifest = {"schema_version": 1, "character": character, "version": version, "base_model": str(base_model),
+                "prompt_template": PROMPT_TEMPLATE, "trainer_version": "bench",
+                "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["c_attn"]}}
+    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+
+class Service:
+    """``python -m chat_service`` on a free port, until ``stop()``."""
+
+    def __init__(self, name: str, workdir: Path, base_model: Path, adapters_root: Path, characters: Path,
+                 threads: int) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HISTORY_TOKEN": TOKEN, "CHAT_TORCH_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        self.log_path = workdir / f"{name}.log"
+        with self.log_path.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "chat_service", "--port", str(self.port), "--db", str(workdir / f"{name}.db"),
+                 "--base-model", str(base_model), "--adapters-root", str(adapters_root),
+                 "--characters-file", str(characters), "--log-level", "warning"],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self, timeout: float = 180) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                response = httpx.get(f"{self.url}/readyz", timeout=2)
+                if response.status_code == 200:
+                    return dict(response.json())
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+# -- chat latency -----------------------------------------------------------------------------------------------------
+
+
+def run_block(url: str, characters: Sequence[str], prompts: Sequence[str], clients: int, max_tokens: int,
+              tag: str) -> tuple[list[float], list[int], float]:
+    """``len(prompts)`` requests from ``clients`` concurrent clients; returns latencies, reply tokens, wall time."""
+    latencies: list[float] = []
+    tokens: list[int] = []
+    lock = threading.Lock()
+
+    def one(index: int) -> None:
+        body = {"character": characters[index % len(characters)], "session_id": f"{tag.replace(' ', '-')}-{index}",
+                "message": prompts[index], "max_tokens": max_tokens, "temperature": 0}
+        started = time.perf_counter()
+        response = http.post(f"{url}/v1/chat", json=body)
+        elapsed = time.perf_counter() - started
+        response.raise_for_status()
+        with lock:
+            latencies.append(elapsed)
+            tokens.append(int(response.json()["completion_tokens"]))
+
+    with httpx.Client(timeout=300, limits=httpx.Limits(max_connections=clients)) as http:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, range(len(prompts))))
+        wall = time.perf_counter() - started
+    return latencies, tokens, wall
+
+
+def chat_latency(services: dict[str, Service], prompts: list[str], rounds: int, per_block: int, clients: int,
+                 max_tokens: int) -> list[dict[str, Any]]:
+    scenarios = {
+        "base": (services["plain"].url, [BASE_CHARACTER]),
+        "base-on-peft": (services["lora"].url, [BASE_CHARACTER]),
+        "one adapter": (services["lora"].url, [ADAPTER_CHARACTERS[0]]),
+        "mixed": (services["lora"].url, list(ADAPTER_CHARACTERS)),
+    }
+    # Warm-up: first calls pay for lazy initialisation (kernels, tokenizer caches, SQLite pages).
+    for url, characters in scenarios.values():
+        run_block(url, characters, prompts[:4], 1, max_tokens, "warmup")
+    results = {name: {"lat": [], "tokens": [], "wall": 0.0} for name in scenarios}
+    for r in range(rounds):
+        block = prompts[(r * per_block) % len(prompts):][:per_block] or prompts[:per_block]
+        # Rotate the order each round so no scenario always runs first after the others.
+        order = list(scenarios)[r % len(scenarios):] + list(scenarios)[: r % len(scenarios)]
+        for name in order:
+            url, characters = scenarios[name]
+            lat, tok, wall = run_block(url, characters, block, clients, max_tokens, f"{name}-{r}")
+            results[name]["lat"] += lat
+            results[name]["tokens"] += tok
+            results[name]["wall"] += wall
+        log(f"  round {r + 1}/{rounds}")
+    rows = []
+    base_p50 = percentile(results["base"]["lat"], 50)
+    for name, res in results.items():
+        p50 = percentile(res["lat"], 50)
+        rows.append({
+            "scenario": name, "requests": len(res["lat"]), "p50_ms": 1000 * p50,
+            "p95_ms": 1000 * percentile(res["lat"], 95), "vs_base_pct": 100 * (p50 / base_p50 - 1),
+            "req_per_s": len(res["lat"]) / res["wall"], "tokens_per_s": sum(res["tokens"]) / res["wall"],
+            "mean_tokens": sum(res["tokens"]) / max(len(res["tokens"]), 1),
+        })
+    return rows
+
+
+# -- history paging ---------------------------------------------------------------------------------------------------
+
+
+def import_history(url: str, messages: list[dict[str, Any]]) -> float:
+    started = time.perf_counter()
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        for i in range(0, len(messages), 1000):
+            chunk = [{k: v for k, v in m.items() if k != "id"} for m in messages[i : i + 1000]]
+            http.post(f"{url}/v1/history", json={"messages": chunk}).raise_for_status()
+    return time.perf_counter() - started
+
+
+def page_all(url: str, character: str, limit: int) -> dict[str, Any]:
+    page_times: list[float] = []
+    count = 0
+    cursor = None
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        started = time.perf_counter()
+        while True:
+            params: dict[str, Any] = {"character": character, "limit": limit}
+            if cursor:
+                params["cursor"] = cursor
+            t = time.perf_counter()
+            response = http.get(f"{url}/v1/history", params=params)
+            response.raise_for_status()
+            body = response.json()
+            page_times.append(time.perf_counter() - t)
+            count += len(body["messages"])
+            cursor = body["next_cursor"]
+            if not cursor:
+                break
+        total = time.perf_counter() - started
+    return {"messages": count, "limit": limit, "pages": len(page_times), "total_s": total,
+            "messages_per_s": count / total, "page_p50_ms": 1000 * percentile(page_times, 50),
+            "first_page_ms": 1000 * page_times[0], "last_page_ms": 1000 * page_times[-1]}
+
+
+def history_paging(url: str, sizes: Sequence[int]) -> list[dict[str, Any]]:
+    from devkit.conversations import generate_history
+
+    end = datetime(2026, 11, 26, tzinfo=UTC)
+    rows = []
+    for size, character in zip(sizes, HISTORY_CHARACTERS, strict=False):
+        # ~8 messages per session on average; trim to the exact size. Generated as lumina's, stored under `character`.
+        messages = generate_history("lumina", sessions=size // 7 + 1, seed=7, start=end - timedelta(days=30),
+                                    end=end)[:size]
+        messages = [{**m, "character": character} for m in messages]
+        log(f"  importing {len(messages)} messages for {character}")
+        seconds = import_history(url, messages)
+        for limit in (500, 1000):
+            row = page_all(url, character, limit)
+            rows.append({"size": len(messages), "import_s": seconds, **row})
+            log(f"  paged {row['messages']} in {row['total_s']:.2f}s (limit {limit})")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--per-block", type=int, default=12, help="requests per scenario per round")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="CHAT_TORCH_THREADS of each service")
+    parser.add_argument("--history", default="10000,100000", help="history sizes to page (comma-separated)")
+    parser.add_argument("--quick", action="store_true", help="a few requests and 2000 messages: a smoke run")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.per_block, args.history = 1, 4, "2000"
+
+    from devkit.conversations import generate_history, user_turns
+    from devkit.model import ensure_embedded_model
+
+    base_model = ensure_embedded_model()
+    end = datetime(2026, 11, 26, tzinfo=UTC)
+    history = generate_history("lumina", sessions=60, seed=3, start=end - timedelta(days=30), end=end)
+    prompts = [text for _, text in user_turns(history)]
+    with tempfile.TemporaryDirectory(prefix="bench-chat-") as tmp:
+        work = Path(tmp)
+        characters = work / "characters.json"
+        names = (BASE_CHARACTER, *ADAPTER_CHARACTERS, *HISTORY_CHARACTERS)
+        characters.write_text(json.dumps({"characters": [
+            {"name": name, "display_name": name, "persona": ""} for name in names
+        ]}), encoding="utf-8")
+        (work / "plain-adapters").mkdir()
+        for character in ADAPTER_CHARACTERS:
+            make_adapter(base_model, work / "adapters", character, "20261126T030000Z")
+        services = {
+            "plain": Service("plain", work, base_model, work / "plain-adapters", characters, args.threads),
+            "lora": Service("lora", work, base_model, work / "adapters", characters, args.threads),
+        }
+        try:
+            ready = {name: s.wait_ready() for name, s in services.items()}
+            serving = {c: v["state"] for c, v in ready["lora"]["characters"].items()}
+            log(f"services ready; lora adapters: {serving}")
+            log("chat latency")
+            chat_rows = chat_latency(services, prompts, args.rounds, args.per_block, args.clients, args.max_tokens)
+            log("history paging")
+            sizes = [int(s) for s in args.history.split(",") if s]
+            history_rows = history_paging(services["lora"].url, sizes)
+        finally:
+            for service in services.values():
+                service.stop()
+
+    info = machine() | {"clients": args.clients, "max_tokens": args.max_tokens, "torch_threads": args.threads}
+    write_json(args.json, {"machine": info, "chat": chat_rows, "history": history_rows})
+    print(f"\n{info}")
+    print(table(chat_rows, [
+        ("scenario", "scenario", ""), ("requests", "requests", ""), ("p50_ms", "p50 ms", ".0f"),
+        ("p95_ms", "p95 ms", ".0f"), ("vs_base_pct", "p50 vs base %", "+.1f"), ("req_per_s", "req/s", ".2f"),
+        ("tokens_per_s", "tokens/s", ".1f"), ("mean_tokens", "tokens/reply", ".1f"),
+    ]))
+    print()
+    print(table(history_rows, [
+        ("size", "messages", ""), ("limit", "page size", ""), ("pages", "pages", ""), ("total_s", "page all s", ".2f"),
+        ("messages_per_s", "messages/s", ".0f"), ("page_p50_ms", "page p50 ms", ".1f"),
+        ("first_page_ms", "first page ms", ".1f"), ("last_page_ms", "last page ms", ".1f"),
+        ("import_s", "import s", ".1f"),
+    ]))
+    print("bar: one adapter ≤ +15% p50 latency over base")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

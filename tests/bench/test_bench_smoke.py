@@ -1,0 +1,75 @@
+"""Smoke tests of the benchmarks (bench/): they start, and their yardsticks compute what they claim.
+
+No timing is asserted here: benchmarks measure, tests check. The packed "ceiling" of bench/train_throughput.py is
+only a fair yardstick if it computes the same loss on the same tokens as padded batches; that is checked exactly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import _common  # noqa: E402
+import train_throughput  # noqa: E402
+
+
+def test_percentile_interpolates() -> None:
+    assert _common.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert _common.percentile([5.0], 95) == 5.0
+    assert _common.percentile([3.0, 1.0, 2.0], 100) == 3.0
+
+
+def test_table_is_markdown() -> None:
+    text = _common.table([{"a": 1.234, "b": None}], [("a", "A", ".1f"), ("b", "B", "")])
+    assert text.splitlines() == ["| A   | B |", "|-----|---|", "| 1.2 | – |"]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any, list[dict[str, Any]]]:
+    from devkit.model import ensure_embedded_model
+    from training.collate import tokenize_example
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ensure_embedded_model(progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    records = [
+        {"instruction": "hello there", "input": "", "output": "hi! how are you today?"},
+        {"instruction": "明日の天気は？", "input": "", "output": "晴れると思います。傘はいらないかもしれません。"},
+        {"instruction": "tea?", "input": "", "output": "brew it with water that is not too hot"},
+    ]
+    return tokenizer, model, [tokenize_example(r, tokenizer, 512) for r in records]
+
+
+def test_packed_row_has_the_loss_of_padded_rows(tiny: tuple[Any, Any, list[dict[str, Any]]]) -> None:
+    import torch
+    from training.train import make_collator
+
+    tokenizer, model, features = tiny
+    with torch.no_grad():
+        packed = model(**train_throughput.PackingCollator()(features)).loss
+        padded = model(**make_collator(tokenizer, 512)(features)).loss
+    assert torch.allclose(packed, padded, atol=1e-5)
+
+
+def test_chunked_dataset_keeps_every_token(tiny: tuple[Any, Any, list[dict[str, Any]]]) -> None:
+    tokenizer, _, features = tiny
+    records = [{"instruction": "hello there", "input": "", "output": "hi! how are you today?"}] * 5
+    dataset = train_throughput.chunked_dataset(16)(records, tokenizer, 512)
+    ids = [t for row in dataset for t in row["input_ids"]]
+    assert ids == features[0]["input_ids"] * 5
+    assert all(row["length"] == 16 for row in list(dataset)[:-1])
+
+
+@pytest.mark.parametrize("script", ["train_throughput.py", "operator_scale.py", "chat_latency.py"])
+def test_script_help(script: str) -> None:
+    done = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
