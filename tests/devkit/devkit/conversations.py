@@ -178,8 +178,8 @@ _VOICES: dict[str, dict[str, Voice]] = {
             ("", "それだけ。", "……まあ、いいけど。", "以上。"),
         ),
         "en": Voice(
-            ("... ", "whatever. ", "meh... "),
-            # All lower case: sora does not bother with capitals.
+            ("... ", "whatever. ", "Meh... "),
+            # Lower case after the opener: sora does not bother with capitals.
             (lambda t, tip: f"{tip}.", lambda t, tip: f"just {tip}.", lambda t, tip: f"{t.en}? {tip}."),
             ("", "that's it.", "... fine."),
             separator=" ",
