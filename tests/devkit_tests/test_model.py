@@ -51,6 +51,7 @@ def test_build_runs_once_under_concurrency_and_is_reused(tmp_path: Path, monkeyp
     assert len(calls) == 1, "concurrent callers must wait for one build, not run their own"
     assert len(set(results)) == 1 and results[0].is_dir()
     assert results[0].name.startswith("tinychat-") and (results[0] / "config.json").is_file()
+    assert results[0].stat().st_mode & 0o777 == 0o755, "readable by other users, unlike a fresh mkdtemp"
     assert model.ensure_embedded_model(tmp_path, progress=False) == results[0]
     assert len(calls) == 1
     assert not list(tmp_path.glob(".tmp-*")), "the work directory must have been renamed into place"

@@ -139,6 +139,8 @@ def ensure_embedded_model(cache_root: Path | None = None, *, progress: bool = Tr
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
         try:
             _build(work, documents, progress)
+            # mkdtemp makes the directory private; the model is meant to be read by other users (pods, services).
+            work.chmod(0o755)
             os.rename(work, target)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
