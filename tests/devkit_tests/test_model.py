@@ -236,7 +236,10 @@ def test_a_lora_adapter_measurably_shifts_the_style(embedded_model: Path) -> Non
 
     train, held_out = _pairs("lumina", sessions=150, seed=1), _pairs("lumina", sessions=20, seed=2)
     loss_before, style_before = reply_loss(lm, held_out), style_score("lumina", replies(lm))
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], task_type="CAUSAL_LM")
+    # fan_in_fan_out: GPT-2's linear layers are Conv1D modules with transposed weights.
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM"
+    )
     adapted = get_peft_model(lm, config)
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=ADAPTER_LR)
     order = torch.Generator().manual_seed(0)
