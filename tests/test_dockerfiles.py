@@ -1,0 +1,118 @@
+"""Static checks of the three image Dockerfiles (no Docker engine needed): multi-stage, pinned, non-root, small.
+
+A tiny parser: comment lines dropped, backslash continuations joined, one (INSTRUCTION, arguments) pair per
+instruction, stages split on FROM. Enough for these files; not a general Dockerfile parser.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = ["operator/Dockerfile", "trainer_image/Dockerfile", "chat_image/Dockerfile"]
+
+Instruction = tuple[str, str]
+
+
+def parse(text: str) -> list[Instruction]:
+    instructions: list[Instruction] = []
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue  # Docker drops comment lines, even inside a continuation
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        keyword, _, args = current.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        current = ""
+    assert not current, "dangling backslash continuation at end of file"
+    return instructions
+
+
+def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
+    result: list[list[Instruction]] = []
+    for instruction in instructions:
+        if instruction[0] == "FROM":
+            result.append([])
+        assert result, f"{instruction[0]} before the first FROM"
+        result[-1].append(instruction)
+    return result
+
+
+def words(args: str) -> list[str]:
+    """The arguments without --flags (shell form only; these files use no JSON-form COPY)."""
+    return [w for w in shlex.split(args) if not w.startswith("--")]
+
+
+@pytest.fixture(params=DOCKERFILES)
+def dockerfile(request) -> tuple[str, list[list[Instruction]]]:
+    path = ROOT / request.param
+    return request.param, stages(parse(path.read_text(encoding="utf-8")))
+
+
+def test_multi_stage(dockerfile):
+    name, parsed = dockerfile
+    assert len(parsed) >= 2, f"{name}: expected a builder and a runtime stage"
+    assert words(parsed[0][0][1])[-2:] == ["AS", "builder"], f"{name}: first stage should be `AS builder`"
+
+
+def test_every_from_has_an_explicit_tag(dockerfile):
+    name, parsed = dockerfile
+    aliases: set[str] = set()
+    for stage in parsed:
+        image, *rest = words(stage[0][1])
+        if image not in aliases:  # `FROM builder` reuses an earlier stage
+            tag = image.split("@")[0].rpartition("/")[2].partition(":")[2]
+            assert tag and tag != "latest", f"{name}: FROM {image} needs an explicit, non-latest tag"
+        if len(rest) == 2 and rest[0].upper() == "AS":
+            aliases.add(rest[1])
+
+
+def test_final_stage_runs_as_numeric_non_root_user(dockerfile):
+    name, parsed = dockerfile
+    users = [args for keyword, args in parsed[-1] if keyword == "USER"]
+    assert users, f"{name}: the final stage sets no USER"
+    match = re.fullmatch(r"(\d+)(?::(\d+))?", users[-1])
+    assert match, f"{name}: USER {users[-1]} should be numeric uid:gid (runAsNonRoot checks need a number)"
+    assert int(match.group(1)) != 0, f"{name}: the final USER is root"
+
+
+def test_copy_sources_exist(dockerfile):
+    name, parsed = dockerfile
+    for stage in parsed:
+        for keyword, args in stage:
+            if keyword in ("COPY", "ADD") and "--from=" not in args:
+                for source in words(args)[:-1]:
+                    assert (ROOT / source).exists(), f"{name}: {keyword} source {source} is not in the repository"
+
+
+def test_final_stage_copies_only_the_venv_and_puts_it_on_path(dockerfile):
+    name, parsed = dockerfile
+    final = parsed[-1]
+    copies = [args for keyword, args in final if keyword == "COPY"]
+    assert copies == ["--from=builder /opt/venv /opt/venv"], f"{name}: the runtime stage should copy only the venv"
+    env = " ".join(args for keyword, args in final if keyword == "ENV")
+    assert "PATH=/opt/venv/bin:$PATH" in env, f"{name}: `python` must resolve to /opt/venv/bin/python"
+    assert "PIP_NO_CACHE_DIR=1" in env, f"{name}: no pip cache in the final image"
+    assert not [args for keyword, args in final if keyword == "RUN" and "pip install" in args], (
+        f"{name}: the runtime stage should install nothing with pip"
+    )
+
+
+def test_pip_installs_use_the_constraints_file(dockerfile):
+    name, parsed = dockerfile
+    installs = [args for stage in parsed for keyword, args in stage if keyword == "RUN" and "pip install" in args]
+    requirement_installs = [args for args in installs if " -r " in args]
+    assert requirement_installs, f"{name}: no `pip install -r` found"
+    for args in requirement_installs:
+        assert re.search(r"-c \S*constraints\.txt", args), f"{name}: `{args}` ignores constraints.txt"
+    for args in installs:  # the rest: pip itself (pinned) or the package (no unpinned dependencies)
+        if args not in requirement_installs:
+            assert "pip==" in args or "--no-deps" in args, f"{name}: `{args}` installs something unpinned"
