@@ -17,14 +17,14 @@ def test_deploy_kustomization_applies_server_side(cluster: Cluster) -> None:
             "PersistentVolumeClaim", "Secret"} <= kinds
     assert kinds & {"Role", "ClusterRole"}
     # The CRD must exist before a server-side dry run of resources that use it; apply it for real first.
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/characterfinetunes.llmmultichat.io", "--timeout=60s")
     out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-k", str(REPO / "deploy"))
     assert "deployment.apps/chat" in out.stdout
 
 
 def test_sample_resource_is_accepted(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/characterfinetunes.llmmultichat.io", "--timeout=60s")
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "deploy" / "namespace.yaml"))
     out = cluster.kubectl(
