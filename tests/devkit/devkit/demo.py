@@ -21,13 +21,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import yaml
@@ -35,7 +34,7 @@ import yaml
 from devkit import conversations
 from devkit.cluster import Cluster, ensure_cluster
 from devkit.model import ensure_embedded_model
-from devkit.podrunner import LocalPod, pvc_local_path, run_pod, start_pod_process, wait_for_pod
+from devkit.podrunner import LocalPod, pvc_local_path, run_pod, start_pod_process, wait_for_pod, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 NAMESPACE = "llmmultichat"
@@ -43,7 +42,6 @@ SAMPLE = REPO / "deploy" / "samples" / "finetune.yaml"
 OPERATOR_SA = "finetune-operator"
 BASE_MODEL_CLAIM = "llmmultichat-base-model"
 MODEL_DIR = "tinychat"  # where deploy/ expects the model on that volume (sample baseModel, chat BASE_MODEL)
-T = TypeVar("T")
 
 
 @dataclass
@@ -69,17 +67,6 @@ class DemoResult:
 
 def step(message: str) -> None:
     print(f"\n==> {message}", flush=True)
-
-
-def wait_until(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def free_port() -> int:

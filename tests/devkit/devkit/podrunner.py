@@ -85,7 +85,8 @@ class _Prepared:
     fallback_to_logs: bool
 
 
-def _wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
+def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
+    """Polls `probe` until it returns something truthy, and returns that; PodRunError names `what` on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
@@ -118,7 +119,7 @@ def wait_for_pod(cluster: Cluster, namespace: str, label_selector: str, *, phase
             return None
         return str(max(matching, key=lambda p: p["metadata"]["creationTimestamp"])["metadata"]["name"])
 
-    return str(_wait_until(f"a {phase} pod with labels {label_selector!r} in {namespace}", probe, timeout))
+    return str(wait_until(f"a {phase} pod with labels {label_selector!r} in {namespace}", probe, timeout))
 
 
 def release_pod(cluster: Cluster, namespace: str, pod_name: str, *, exit_code: int, message: str,
@@ -138,11 +139,11 @@ def release_pod(cluster: Cluster, namespace: str, pod_name: str, *, exit_code: i
             raise PodRunError(f"pod {namespace}/{pod_name} already ended ({phase}); it cannot be released again")
         return phase == "Running"
 
-    _wait_until(f"pod {namespace}/{pod_name} to be Running", running, timeout)
+    wait_until(f"pod {namespace}/{pod_name} to be Running", running, timeout)
     patch = {"metadata": {"annotations": {EXIT_CODE_ANNOTATION: str(exit_code), MESSAGE_ANNOTATION: message}}}
     cluster.kubectl("patch", "pod", pod_name, "-n", namespace, "--type=merge", "-p", json.dumps(patch))
     wanted = "Succeeded" if exit_code == 0 else "Failed"
-    _wait_until(f"pod {namespace}/{pod_name} to become {wanted}",
+    wait_until(f"pod {namespace}/{pod_name} to become {wanted}",
                 lambda: _phase(_get_pod(cluster, namespace, pod_name)) == wanted, timeout)
 
 
@@ -153,7 +154,7 @@ def pvc_local_path(cluster: Cluster, namespace: str, claim_name: str, timeout: f
         pvc = cluster.get_json("pvc", claim_name, "-n", namespace)
         return pvc["spec"].get("volumeName") if pvc.get("status", {}).get("phase") == "Bound" else None
 
-    volume = _wait_until(f"claim {namespace}/{claim_name} to be Bound", bound_volume, timeout)
+    volume = wait_until(f"claim {namespace}/{claim_name} to be Bound", bound_volume, timeout)
     pv = cluster.get_json("pv", volume)
     host_path = pv["spec"].get("hostPath", {}).get("path")
     if not host_path:
