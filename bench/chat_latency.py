@@ -16,7 +16,7 @@ model's reply: the scenarios generate the same tokens and differ only in the ada
 are empty, so base and adapter prompts are the same text. Greedy decoding, ``max_tokens`` fixed.
 
 Scenarios, interleaved in rounds (so load on the shared machine hits them alike), each round a block of requests sent
-by ``--clients`` concurrent clients:
+by ``--clients`` concurrent clients (1: the service time alone; 4: with queueing — generation is serialised):
 
 ==============  ================================================================================================
 base            ``plain`` service, character without adapter
@@ -148,8 +148,8 @@ def run_block(url: str, characters: Sequence[str], prompts: Sequence[str], clien
     return latencies, tokens, wall
 
 
-def chat_latency(services: dict[str, Service], prompts: list[str], rounds: int, per_block: int, clients: int,
-                 max_tokens: int) -> list[dict[str, Any]]:
+def chat_latency(services: dict[str, Service], prompts: list[str], rounds: int, per_block: int,
+                 concurrency: Sequence[int], max_tokens: int) -> list[dict[str, Any]]:
     scenarios = {
         "base": (services["plain"].url, [BASE_CHARACTER]),
         "base-on-peft": (services["lora"].url, [BASE_CHARACTER]),
@@ -159,24 +159,26 @@ def chat_latency(services: dict[str, Service], prompts: list[str], rounds: int, 
     # Warm-up: first calls pay for lazy initialisation (kernels, tokenizer caches, SQLite pages).
     for url, characters in scenarios.values():
         run_block(url, characters, prompts[:4], 1, max_tokens, "warmup")
-    results = {name: {"lat": [], "tokens": [], "wall": 0.0} for name in scenarios}
+    results = {(c, name): {"lat": [], "tokens": [], "wall": 0.0} for c in concurrency for name in scenarios}
     for r in range(rounds):
         block = prompts[(r * per_block) % len(prompts):][:per_block] or prompts[:per_block]
         # Rotate the order each round so no scenario always runs first after the others.
         order = list(scenarios)[r % len(scenarios):] + list(scenarios)[: r % len(scenarios)]
-        for name in order:
-            url, characters = scenarios[name]
-            lat, tok, wall = run_block(url, characters, block, clients, max_tokens, f"{name}-{r}")
-            results[name]["lat"] += lat
-            results[name]["tokens"] += tok
-            results[name]["wall"] += wall
+        for clients in concurrency:
+            for name in order:
+                url, characters = scenarios[name]
+                lat, tok, wall = run_block(url, characters, block, clients, max_tokens, f"{name}-{clients}-{r}")
+                res = results[(clients, name)]
+                res["lat"] += lat
+                res["tokens"] += tok
+                res["wall"] += wall
         log(f"  round {r + 1}/{rounds}")
     rows = []
-    base_p50 = percentile(results["base"]["lat"], 50)
-    for name, res in results.items():
+    for (clients, name), res in results.items():
         p50 = percentile(res["lat"], 50)
+        base_p50 = percentile(results[(clients, "base")]["lat"], 50)
         rows.append({
-            "scenario": name, "requests": len(res["lat"]), "p50_ms": 1000 * p50,
+            "clients": clients, "scenario": name, "requests": len(res["lat"]), "p50_ms": 1000 * p50,
             "p95_ms": 1000 * percentile(res["lat"], 95), "vs_base_pct": 100 * (p50 / base_p50 - 1),
             "req_per_s": len(res["lat"]) / res["wall"], "tokens_per_s": sum(res["tokens"]) / res["wall"],
             "mean_tokens": sum(res["tokens"]) / max(len(res["tokens"]), 1),
@@ -242,9 +244,9 @@ def history_paging(url: str, sizes: Sequence[int]) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--per-block", type=int, default=12, help="requests per scenario per round")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    parser.add_argument("--clients", default="1,4", help="concurrent clients, comma-separated levels")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="CHAT_TORCH_THREADS of each service")
     parser.add_argument("--history", default="10000,100000", help="history sizes to page (comma-separated)")
@@ -280,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             serving = {c: v["state"] for c, v in ready["lora"]["characters"].items()}
             log(f"services ready; lora adapters: {serving}")
             log("chat latency")
-            chat_rows = chat_latency(services, prompts, args.rounds, args.per_block, args.clients, args.max_tokens)
+            levels = [int(c) for c in args.clients.split(",") if c]
+            chat_rows = chat_latency(services, prompts, args.rounds, args.per_block, levels, args.max_tokens)
             log("history paging")
             sizes = [int(s) for s in args.history.split(",") if s]
             history_rows = history_paging(services["lora"].url, sizes)
@@ -292,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(args.json, {"machine": info, "chat": chat_rows, "history": history_rows})
     print(f"\n{info}")
     print(table(chat_rows, [
-        ("scenario", "scenario", ""), ("requests", "requests", ""), ("p50_ms", "p50 ms", ".0f"),
+        ("clients", "clients", ""), ("scenario", "scenario", ""), ("requests", "requests", ""),
+        ("p50_ms", "p50 ms", ".0f"),
         ("p95_ms", "p95 ms", ".0f"), ("vs_base_pct", "p50 vs base %", "+.1f"), ("req_per_s", "req/s", ".2f"),
         ("tokens_per_s", "tokens/s", ".1f"), ("mean_tokens", "tokens/reply", ".1f"),
     ]))
