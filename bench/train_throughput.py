@@ -211,7 +211,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         # Model FLOPs per token (PaLM's 6N + 12·L·d·T, N without position embeddings, T the mean example length).
         config = model.base_model.model.config
         params = sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n)
-        flops_per_token = 6 * params + 12 * config.n_layer * config.n_embd * mean_len
+        flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * mean_len
         peak = matmul_tflops("cuda")
         result["matmul_tflops"] = peak
         result["mfu"] = result["tokens_per_s"] * flops_per_token / (peak * 1e12)
@@ -268,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: steadier on a shared 2-core machine)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--base-model", help="a save_pretrained causal LM directory (default: the embedded model)")
     parser.add_argument("--quick", action="store_true", help="tiny data, for a smoke test: numbers mean nothing")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -294,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "shipped" in variants and twin in variants:
         variants.remove(twin)
         log(f"{twin} is what the trainer ships: measured once, as shipped")
-    model_path = ensure_embedded_model()
+    model_path = Path(args.base_model) if args.base_model else ensure_embedded_model()
     with tempfile.TemporaryDirectory(prefix="bench-train-data-") as tmp:
         workdir = Path(tmp)
         data = prepare_records(workdir, model_path, args.sessions, args.seed)
