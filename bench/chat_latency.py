@@ -186,6 +186,35 @@ def chat_latency(services: dict[str, Service], prompts: list[str], rounds: int, 
     return rows
 
 
+def generation_only(work: Path, base_model: Path, characters: Path, prompts: list[str], rounds: int,
+                    max_tokens: int, threads: int) -> list[dict[str, Any]]:
+    """The chat service's own ``ModelManager.generate`` in this process, no HTTP and no store: what the adapter costs
+    the model itself. Runs before the services start, so nothing else competes for the cores."""
+    from chat_service.characters import load_characters
+    from chat_service.config import Settings as ChatSettings
+    from chat_service.generation import ModelManager
+
+    managers = {}
+    for name, root in (("plain", work / "plain-adapters"), ("lora", work / "adapters")):
+        settings = ChatSettings(base_model=str(base_model), adapters_root=root, characters_file=characters,
+                                device="cpu", torch_threads=threads)
+        managers[name] = ModelManager(settings, load_characters(characters))
+        managers[name].load()
+    scenarios = {"base": ("plain", BASE_CHARACTER), "base-on-peft": ("lora", BASE_CHARACTER),
+                 "one adapter": ("lora", ADAPTER_CHARACTERS[0])}
+    times: dict[str, list[float]] = {name: [] for name in scenarios}
+    for r in range(rounds):
+        for prompt in prompts[r * 8 : r * 8 + 8]:
+            for name, (manager, character) in scenarios.items():
+                started = time.perf_counter()
+                managers[manager].generate(character, prompt, max_tokens=max_tokens, temperature=0, top_p=1.0)
+                times[name].append(time.perf_counter() - started)
+    base_p50 = percentile(times["base"], 50)
+    return [{"scenario": name, "calls": len(t), "p50_ms": 1000 * percentile(t, 50),
+             "p95_ms": 1000 * percentile(t, 95), "vs_base_pct": 100 * (percentile(t, 50) / base_p50 - 1)}
+            for name, t in times.items()]
+
+
 # -- history paging ---------------------------------------------------------------------------------------------------
 
 
@@ -273,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         (work / "plain-adapters").mkdir()
         for character in ADAPTER_CHARACTERS:
             make_adapter(base_model, work / "adapters", character, "20261126T030000Z")
+        log("generation only (in-process)")
+        generate_rows = generation_only(work, base_model, characters, prompts, args.rounds, args.max_tokens,
+                                        args.threads)
         services = {
             "plain": Service("plain", work, base_model, work / "plain-adapters", characters, args.threads),
             "lora": Service("lora", work, base_model, work / "adapters", characters, args.threads),
@@ -292,13 +324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 service.stop()
 
     info = machine() | {"clients": args.clients, "max_tokens": args.max_tokens, "torch_threads": args.threads}
-    write_json(args.json, {"machine": info, "chat": chat_rows, "history": history_rows})
+    write_json(args.json, {"machine": info, "chat": chat_rows, "generate": generate_rows, "history": history_rows})
     print(f"\n{info}")
     print(table(chat_rows, [
         ("clients", "clients", ""), ("scenario", "scenario", ""), ("requests", "requests", ""),
         ("p50_ms", "p50 ms", ".0f"),
         ("p95_ms", "p95 ms", ".0f"), ("vs_base_pct", "p50 vs base %", "+.1f"), ("req_per_s", "req/s", ".2f"),
         ("tokens_per_s", "tokens/s", ".1f"), ("mean_tokens", "tokens/reply", ".1f"),
+    ]))
+    print()
+    print(table(generate_rows, [
+        ("scenario", "generate() only", ""), ("calls", "calls", ""), ("p50_ms", "p50 ms", ".1f"),
+        ("p95_ms", "p95 ms", ".1f"), ("vs_base_pct", "p50 vs base %", "+.1f"),
     ]))
     print()
     print(table(history_rows, [
