@@ -12,6 +12,8 @@ shipped        the trainer's defaults (``train_lora`` as the CLI calls it); loss
                dynamic, whichever ``train_lora``'s ``group_by_length`` default picks — that one is not run twice
 grouped        pad to the longest in the batch, length-grouped batches (the Trainer's group_by_length sampler)
 dynamic        pad to the longest in the batch, random order
+grouped-16     a candidate middle way: random groups of 16 examples, sorted by length into 4 batches, all batches
+               in random order (little padding, batches still mixed); a sampler swapped into the Trainer here
 checkpointing  shipped with gradient checkpointing (trades compute for activation memory)
 packed-exact   shipped's very batches with the padding removed: each batch is one row of its examples back to
                back, position ids restarting per example, attention kept inside each example (same maths)
@@ -42,7 +44,7 @@ from typing import Any
 
 from _common import log, machine, peak_rss_mib, table, write_json
 
-VARIANTS = ("spec", "shipped", "grouped", "dynamic", "checkpointing", "packed-exact", "packed")
+VARIANTS = ("spec", "shipped", "grouped", "dynamic", "grouped-16", "checkpointing", "packed-exact", "packed")
 CHARACTER = "lumina"
 WINDOW_END = datetime(2026, 11, 26, tzinfo=UTC)
 
@@ -108,6 +110,34 @@ def chunked_dataset(width: int) -> Any:
     return build
 
 
+class SmallGroupSampler:
+    """Length grouping inside random groups of ``group`` examples; the resulting batches in random order.
+
+    The Trainer's own length grouping sorts groups of 50 batches and keeps them in order, so nearly every batch holds
+    examples of one length; small groups leave little padding while batches stay mixed.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = 16) -> None:
+        self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, group
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Any:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.group):
+            group = sorted(order[start : start + self.group], key=self.lengths.__getitem__, reverse=True)
+            batches += [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield from batches[b]
+
+
 def apply_variant(variant: str, model: Any, train_module: Any, mean_len: int) -> dict[str, Any]:
     """``train_lora`` options for ``variant``; the packed variants swap one of its building blocks in place
     (this is a throw-away worker process), so sampler, loop, optimizer and logging stay the trainer's own."""
@@ -125,6 +155,14 @@ def apply_variant(variant: str, model: Any, train_module: Any, mean_len: int) ->
         train_module.make_collator = lambda *_, **__: PackingCollator()
     elif variant == "packed":
         train_module.build_dataset = chunked_dataset(mean_len)
+    elif variant == "grouped-16":
+        from transformers import Trainer
+
+        def sampler(trainer: Any, dataset: Any = None) -> SmallGroupSampler:
+            data = dataset if dataset is not None else trainer.train_dataset
+            return SmallGroupSampler(data["length"], trainer.args.per_device_train_batch_size, trainer.args.seed)
+
+        Trainer._get_train_sampler = sampler
     return {}
 
 
