@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,6 +78,16 @@ def free_port() -> int:
 
 def kube_json(cluster: Cluster, *args: str) -> dict[str, Any]:
     return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
+
+
+def reset_namespace(cluster: Cluster) -> None:
+    """Delete the demo's namespace of an earlier run. No operator runs now to honour the resources' cleanup
+    finalizer, and the whole namespace (the chat Deployment with it) goes anyway, so the finalizers are dropped."""
+    if cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode != 0:
+        return
+    for name in cluster.kubectl("-n", NAMESPACE, "get", "cft", "-o", "name").stdout.split():
+        cluster.kubectl("-n", NAMESPACE, "patch", name, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+    cluster.delete_namespace(NAMESPACE, wait=True)
 
 
 def apply_manifests(cluster: Cluster) -> None:
@@ -255,6 +266,10 @@ def wait_ready_on(cluster: Cluster, name: str, version: str) -> dict[str, Any]:
         status = resource.get("status", {})
         if status.get("phase") in {"RolloutFailed", "Failed"}:
             raise RuntimeError(f"{name} ended {status['phase']}: {json.dumps(status.get('conditions'))}")
+        last_run = status.get("lastRun") or {}
+        if last_run.get("version") == version and last_run.get("outcome") in {"rejected", "failed", "skipped"}:
+            outcome, reason = last_run["outcome"], last_run.get("reason")
+            raise RuntimeError(f"the operator did not promote {version}: {outcome}: {reason}")
         if status.get("phase") == "Ready" and status.get("servingVersion") == version:
             return resource
         return None
@@ -266,6 +281,9 @@ def run_demo(cluster: Cluster, workdir: Path, *, sessions: int = 160) -> DemoRes
     step("Embedded base model (built once, then cached)")
     model = ensure_embedded_model()
     print(f"    {model}")
+
+    step(f"Fresh namespace {NAMESPACE} (a rerun starts over: base model serving, no adapters)")
+    reset_namespace(cluster)
 
     step("CRD, RBAC, operator and chat manifests from deploy/")
     apply_manifests(cluster)
@@ -348,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=160, help="generated chat sessions per character")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Stopped with SIGTERM, still stop the operator and chat processes it started (their `finally` blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     step("Local control plane (make cluster-up)")
     cluster = ensure_cluster()
     with tempfile.TemporaryDirectory(prefix="llmmc-demo-") as tmp:
