@@ -1,6 +1,6 @@
 """Chat service latency with and without LoRA adapters, and history paging speed, over real HTTP.
 
-    .venv/bin/python bench/chat_latency.py                 # ~4 min on 2 shared cores
+    .venv/bin/python bench/chat_latency.py                 # ~2 min on 2 shared cores
     .venv/bin/python bench/chat_latency.py --quick         # smoke run, numbers mean nothing
 
 Two ``python -m chat_service`` processes (as in a pod: own process, SQLite file, ``CHAT_TORCH_THREADS``) on the

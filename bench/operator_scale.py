@@ -9,7 +9,8 @@ rollout poll 2 s):
 
 1. create N resources at once; time until every CronJob exists and until every resource's status says
    ``Scheduled`` (reconciled), and how many reconcile errors the operator counted;
-2. watch the operator idle for a while: CPU and API requests of the periodic resync;
+2. watch the operator idle for 90 s: CPU and API requests of the periodic resync (every resource is re-checked once
+   a minute; the resyncs falling in the window are counted from when each resource was first reconciled);
 3. for a sample of the resources: start a Job from its CronJob (``kubectl create job --from`` does the same), release
    the trainer pod with a ``trained`` result (``devkit.podrunner.release_pod``), and time Job ``Complete`` → chat
    Deployment patched with the new version, from watch events on the admin connection;
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import threading
@@ -161,6 +163,21 @@ class ProcessMeter:
         return spent, self.process.memory_info().rss / 2**20
 
 
+def resyncs_between(first_reconciled: Sequence[float], start: float, end: float, period: float,
+                    lag: float = 1.0) -> int:
+    """How many periodic resyncs fall in [start, end): each resource is re-checked every ``period`` seconds after
+    its first reconcile (the operator schedules the next check when one ends, and its daemon notices within the
+    rollout poll interval, ``lag`` on average), so the count follows from when each resource was first reconciled —
+    exact enough to divide a window's requests by, where resyncs come in bursts."""
+    count = 0
+    for reconciled in first_reconciled:
+        t0 = reconciled + lag
+        first_k = max(1, math.ceil((start - t0) / period))
+        last_k = math.floor((end - t0 - 1e-9) / period)
+        count += max(0, last_k - first_k + 1)
+    return count
+
+
 def reconcile_errors(metrics_text: str) -> int:
     return sum(int(float(v)) for v in re.findall(r"^finetune_reconcile_errors_total\{[^}]*\} (\S+)$", metrics_text,
                                                    re.M))
@@ -252,6 +269,8 @@ def run_size(cluster: Any, n: int, samples: int, idle: float, tmp: Path) -> dict
             row["all_scheduled_s"] = max(resources.when(x, "scheduled") for x in names) - t0
             cpu, rss = meter.lap()
             requests_created = counter.total()
+            reconciled_at = [resources.when(x, "scheduled") or t0 for x in names]
+            idle_started = time.monotonic()
             row["create_cpu_s"] = cpu
             row["requests_per_create"] = (requests_created - requests_start) / n
 
@@ -263,7 +282,10 @@ def run_size(cluster: Any, n: int, samples: int, idle: float, tmp: Path) -> dict
             row["idle_cpu_pct"] = 100 * cpu / idle
             row["rss_mib"] = rss
             # Each resource is re-checked once per resync interval (60 s).
-            row["requests_per_resync"] = (requests_idle - requests_created) / (n * idle / 60)
+            period = float(PROD_TIMINGS["FINETUNE_RESYNC_SECONDS"])
+            resyncs = resyncs_between(reconciled_at, idle_started, time.monotonic(), period)
+            row["resyncs_in_idle"] = resyncs
+            row["requests_per_resync"] = (requests_idle - requests_created) / resyncs if resyncs else None
             row["idle_requests_per_s"] = (requests_idle - requests_created) / idle
 
             # 3. Job completion → Deployment patched, on a sample of the resources
@@ -297,7 +319,9 @@ def run_size(cluster: Any, n: int, samples: int, idle: float, tmp: Path) -> dict
             sample_s = time.monotonic() - phase_started
             cpu, rss = meter.lap()
             requests_runs = counter.total()
-            resync_share = row["idle_requests_per_s"] * sample_s  # subtract the background resync traffic
+            # Subtract the background resyncs that fell in this phase (the sampled resources' own are part of runs).
+            background = resyncs_between(reconciled_at, phase_started, phase_started + sample_s, period)
+            resync_share = background * (row["requests_per_resync"] or 0.0)
             row["requests_per_run"] = max(0.0, requests_runs - requests_idle - resync_share) / max(len(sampled), 1)
             row["samples"] = len(sampled)
             row["job_to_patch_p50"] = percentile(job_to_patch, 50)
@@ -325,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,100,500", help="comma-separated N")
     parser.add_argument("--samples", type=int, default=20, help="Job runs timed per N")
-    parser.add_argument("--idle", type=float, default=60, help="seconds of idle measurement per N (one resync)")
+    parser.add_argument("--idle", type=float, default=90,
+                        help="seconds of idle measurement per N (at least one resync period of 60 s)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """Trainer throughput: the spec's pad-to-512 setup vs the trainer as shipped vs pad-free packed batches.
 
-    .venv/bin/python bench/train_throughput.py                 # CPU, ~3 min on 2 cores
+    .venv/bin/python bench/train_throughput.py                 # CPU, ~4 min on 2 cores
     .venv/bin/python bench/train_throughput.py --device cuda   # on a GPU: bf16 throughput and MFU as well
 
 Every variant trains the same LoRA (the trainer's own config) on the embedded model, on the same records, for the

@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import _common  # noqa: E402
+import operator_scale  # noqa: E402
 import train_throughput  # noqa: E402
 
 
@@ -29,6 +30,14 @@ def test_percentile_interpolates() -> None:
 def test_table_is_markdown() -> None:
     text = _common.table([{"a": 1.234, "b": None}], [("a", "A", ".1f"), ("b", "B", "")])
     assert text.splitlines() == ["| A   | B |", "|-----|---|", "| 1.2 | – |"]
+
+
+def test_resyncs_counted_from_first_reconcile() -> None:
+    # Resources reconciled at 0, 10 and 20 s are re-checked at ~61, 71, 81 s (and 121, ...): a window that closes
+    # just after creation plus one period sees none of them, a longer one sees each once.
+    assert operator_scale.resyncs_between([0.0, 10.0, 20.0], 1.0, 60.5, 60) == 0
+    assert operator_scale.resyncs_between([0.0, 10.0, 20.0], 20.0, 110.0, 60) == 3
+    assert operator_scale.resyncs_between([0.0], 0.0, 200.0, 60) == 3
 
 
 @pytest.fixture(scope="module")
