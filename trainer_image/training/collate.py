@@ -2,7 +2,7 @@
 
 Each example is ``prompt_template.format(...) + output + EOS``. Labels are ``-100`` on the prompt (and on padding),
 so the loss is only on the reply the character should produce. Batches are padded to their longest member, not to
-``max_length``; with length-grouped sampling most batches carry almost no padding.
+``max_length``; on chat data (short, similar lengths) that leaves about a quarter of a random batch as padding.
 
 The spec's original setup (every example padded to 512, loss on prompt and reply) is still expressible with
 ``padding="max_length"`` and ``loss_on_prompt=True``, only so that benchmarks can compare the two honestly.

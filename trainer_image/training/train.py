@@ -1,4 +1,8 @@
-"""The training loop: transformers ``Trainer`` over a peft model, loss on replies only, length-grouped batches.
+"""The training loop: transformers ``Trainer`` over a peft model, loss on replies only, dynamically padded batches.
+
+Batches are drawn in random order. Length-grouped batches were measured (docs/benchmarks.md §1): 15 % faster on chat
+data, but every batch is then homogeneous and the held-out loss after the same epochs came out worse on every seed
+tried, so quality wins.
 
 ``Trainer`` (through accelerate) handles one process per GPU when started with ``torchrun``/``accelerate launch``;
 nothing here depends on the number of processes.
@@ -122,7 +126,7 @@ def train_lora(
     prompt_template: str = PROMPT_TEMPLATE,
     padding: Literal["longest", "max_length"] = "longest",
     loss_on_prompt: bool = False,
-    group_by_length: bool = True,
+    group_by_length: bool = False,
 ) -> tuple[Trainer, TrainStats]:
     """Train ``model`` (a peft model) in place. ``padding``/``loss_on_prompt``/``group_by_length`` exist so that
     benchmarks can reproduce the spec's padded-to-512 setup; the product uses the defaults."""
