@@ -1,6 +1,6 @@
 """Operator scale and latency on the real local control plane: N = 10, 100, 500 CharacterFineTunes.
 
-    .venv/bin/python bench/operator_scale.py                  # N = 10, 100, 500 (~10 min on 2 shared cores)
+    .venv/bin/python bench/operator_scale.py                  # N = 10, 100, 500 (~12 min on 2 shared cores)
     .venv/bin/python bench/operator_scale.py --sizes 10 --samples 5
 
 For each N, in a fresh namespace (the operator test harness's: chat Deployment, adapter PVC, token Secret, the
