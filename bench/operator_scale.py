@@ -39,6 +39,7 @@ from typing import Any
 
 import psutil
 from _common import REPO, log, machine, percentile, table, write_json
+from devkit.podrunner import wait_until
 
 sys.path.insert(0, str(REPO / "tests" / "operator"))  # the operator test harness: namespace + operator as its SA
 
@@ -96,16 +97,6 @@ class Watcher:
 
     def stop(self) -> None:
         self.stopped.set()
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def cft(name: str) -> dict[str, Any]:
@@ -201,7 +192,7 @@ def environment(cluster: Any, tmp: Path) -> Iterator[Any]:
         try:
             if env.operator.process is not None and env.operator.process.poll() is None:
                 custom.delete_collection_namespaced_custom_object(GROUP, VERSION, env.ns, PLURAL)
-                wait_for("every resource deleted",
+                wait_until("every resource deleted",
                          lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, env.ns, PLURAL)["items"],
                          timeout=300, interval=1)
                 log(f"    deleted all resources in {time.monotonic() - started:.1f}s")
@@ -263,9 +254,9 @@ def run_size(cluster: Any, n: int, samples: int, idle: float, tmp: Path) -> dict
                                                                                     cft(name)), names))
             row["create_s"] = time.monotonic() - t0
             timeout = 60 + n
-            wait_for(f"{n} CronJobs", lambda: cronjobs.count("exists") >= n, timeout)
+            wait_until(f"{n} CronJobs", lambda: cronjobs.count("exists") >= n, timeout)
             row["all_cronjobs_s"] = max(cronjobs.when(f"{x}-finetune", "exists") for x in names) - t0
-            wait_for(f"{n} resources Scheduled", lambda: resources.count("scheduled") >= n, timeout)
+            wait_until(f"{n} resources Scheduled", lambda: resources.count("scheduled") >= n, timeout)
             row["all_scheduled_s"] = max(resources.when(x, "scheduled") for x in names) - t0
             cpu, rss = meter.lap()
             requests_created = counter.total()
@@ -311,10 +302,10 @@ def run_size(cluster: Any, n: int, samples: int, idle: float, tmp: Path) -> dict
                 result = trained(name, version, adapter=2.5)
                 release_pod(cluster, ns, pod, exit_code=0, message=json.dumps(result))
                 state = f"llmmultichat.io/adapter-{name}={version}"
-                patched = wait_for(f"{name} {version} patched", lambda s=state: deployments.when("chat", s), 60)
-                complete = wait_for(f"Job {job_name} Complete", lambda j=job_name: jobs.when(j, "complete"), 10)
+                patched = wait_until(f"{name} {version} patched", lambda s=state: deployments.when("chat", s), 60)
+                complete = wait_until(f"Job {job_name} Complete", lambda j=job_name: jobs.when(j, "complete"), 10)
                 job_to_patch.append(max(0.0, patched - complete))
-                succeeded = wait_for(f"pod {pod} Succeeded", lambda p=pod: pods.when(p, "succeeded"), 10)
+                succeeded = wait_until(f"pod {pod} Succeeded", lambda p=pod: pods.when(p, "succeeded"), 10)
                 pod_to_patch.append(max(0.0, patched - succeeded))
             sample_s = time.monotonic() - phase_started
             cpu, rss = meter.lap()
