@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PACKAGES := trainer_image chat_image operator tests/devkit
+PACKAGES := trainer_image chat_image operator devkit
 REQUIREMENTS := trainer_image/requirements.txt chat_image/requirements.txt operator/requirements.txt requirements-dev.txt
 STAMP := $(VENV)/.installed
 
@@ -32,10 +32,10 @@ lint: venv
 demo: venv control-plane
 	$(PY) -m devkit.demo
 
-# The local Kubernetes control plane (tests/cluster, docs/control-plane.md): built from Go modules into
+# The local Kubernetes control plane (devkit/control-plane, docs/control-plane.md): built from Go modules into
 # ~/.cache/llmmultichat, run as background processes with state under .cluster/.
 control-plane:
-	@tests/cluster/build.sh >/dev/null
+	@devkit/control-plane/build.sh >/dev/null
 
 cluster-up: venv control-plane
 	$(PY) -m devkit.cluster up
@@ -46,9 +46,9 @@ cluster-down: venv
 # The CPU benchmarks (bench/, results in docs/benchmarks.md), one after another: ~20 min in all. Not tests: they
 # measure and print tables; none of them runs in `make test`.
 bench: venv control-plane
-	$(PY) bench/train_throughput.py
-	$(PY) bench/operator_scale.py
-	$(PY) bench/chat_latency.py
+	$(PY) -m bench.train_throughput
+	$(PY) -m bench.operator_scale
+	$(PY) -m bench.chat_latency
 
 # Container images, where a Docker engine exists (not on CI here: see README).
 IMAGE_TAG ?= 4.0.0
@@ -58,4 +58,4 @@ images:
 	docker build -f operator/Dockerfile -t llmmultichat/operator:$(IMAGE_TAG) .
 
 kind-e2e: venv images
-	tests/kind/e2e.sh
+	devkit/kind-e2e.sh

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from devkit.paths import REPO_ROOT as REPO
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import log, machine, percentile, table, write_json
+from bench._common import log, machine, percentile, table, write_json
 
 TOKEN = "bench-token"
 ADAPTER_CHARACTERS = ("lumina", "sora", "hikari", "kumo")

@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from _common import REPO, log, machine, percentile, table, write_json
+from bench._common import REPO, log, machine, percentile, table, write_json
 from devkit.podrunner import wait_until
 
-sys.path.insert(0, str(REPO / "tests" / "operator"))  # the operator test harness: namespace + operator as its SA
 
 GROUP, VERSION, PLURAL = "llmmultichat.io", "v1alpha1", "characterfinetunes"
 LABEL_FINETUNE = "llmmultichat.io/finetune"
@@ -176,7 +175,7 @@ def reconcile_errors(metrics_text: str) -> int:
 
 @contextmanager
 def environment(cluster: Any, tmp: Path) -> Iterator[Any]:
-    import operator_harness as harness
+    from devkit import harness
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config
 
@@ -205,7 +204,7 @@ def run_size(cluster: Any, n: int, samples: int, idle: float, tmp: Path) -> dict
     from devkit.podrunner import release_pod, wait_for_pod
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config
-    from operator_harness import trained
+    from devkit.harness import trained
 
     api = k8s_config.new_client_from_config(config_file=str(cluster.kubeconfig))
     custom, batch, apps, core = k8s.CustomObjectsApi(api), k8s.BatchV1Api(api), k8s.AppsV1Api(api), k8s.CoreV1Api(api)

@@ -42,7 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from _common import log, machine, peak_rss_mib, table, write_json
+from bench._common import log, machine, peak_rss_mib, table, write_json
 
 VARIANTS = ("spec", "shipped", "grouped", "dynamic", "grouped-16", "checkpointing", "packed-exact", "packed")
 CHARACTER = "lumina"

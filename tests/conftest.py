@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    """The local control plane (tests/cluster): the running one at .cluster/kubeconfig or $KUBECONFIG, else one
+    """The local control plane (devkit/control-plane): the running one at .cluster/kubeconfig or $KUBECONFIG, else one
     started for this session and stopped at its end (unless another session still uses it)."""
     from devkit.cluster import using_cluster
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-CONTRACTS = Path(__file__).resolve().parents[1] / "docs" / "contracts.md"
+from devkit.paths import DOCS
+
+CONTRACTS = DOCS / "contracts.md"
 
 
 def _json_blocks() -> list[dict]:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from devkit.paths import REPO_ROOT as ROOT
 DOCKERFILES = ["operator/Dockerfile", "trainer_image/Dockerfile", "chat_image/Dockerfile"]
 
 Instruction = tuple[str, str]

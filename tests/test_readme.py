@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from devkit.paths import REPO_ROOT as REPO
 
 
 def _spec_fields(schema: dict, prefix: str = "") -> list[str]:

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import _common  # noqa: E402
-import operator_scale  # noqa: E402
-import train_throughput  # noqa: E402
+from bench import _common, operator_scale, train_throughput
+from devkit.paths import REPO_ROOT
 
 
 def test_percentile_interpolates() -> None:
@@ -77,8 +72,9 @@ def test_chunked_dataset_keeps_every_token(tiny: tuple[Any, Any, list[dict[str, 
     assert all(row["length"] == 16 for row in list(dataset)[:-1])
 
 
-@pytest.mark.parametrize("script", ["train_throughput.py", "operator_scale.py", "chat_latency.py"])
+@pytest.mark.parametrize("script", ["train_throughput", "operator_scale", "chat_latency"])
 def test_script_help(script: str) -> None:
-    done = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout

@@ -39,12 +39,11 @@ def owner() -> dict[str, Any]:
 
 # --- cluster fixtures ------------------------------------------------------------------------------------------------
 
-sys.path.insert(0, str(Path(__file__).parent))  # `import operator_harness` from the cluster test modules
 
 
 @pytest.fixture(scope="session")
 def crd_installed(cluster: Any) -> Any:
-    import operator_harness as harness
+    from devkit import harness
 
     harness.install_crd(cluster)
     return cluster
@@ -54,7 +53,7 @@ def crd_installed(cluster: Any) -> Any:
 def env(crd_installed: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A namespace with a chat Deployment and the operator running in it (as its ServiceAccount).
     `@pytest.mark.env(progress_deadline=5)` tunes the Deployment."""
-    import operator_harness as harness
+    from devkit import harness
 
     marker = request.node.get_closest_marker("env")
     kwargs = dict(marker.kwargs) if marker else {}

@@ -7,14 +7,13 @@ test_validation_cluster.py; these checks catch mistakes before a cluster is need
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from finetune_operator.spec import DEFAULT_SCHEDULE, FineTuneSpec
 
-CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "characterfinetune.yaml"
+from devkit.paths import CRD as CRD_PATH
 
 
 @pytest.fixture(scope="module")

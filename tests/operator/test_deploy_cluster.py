@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -11,7 +10,9 @@ from devkit.cluster import Cluster
 
 pytestmark = pytest.mark.cluster
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "operator"
+from devkit.paths import DEPLOY as _DEPLOY_ROOT
+
+DEPLOY = _DEPLOY_ROOT / "operator"
 
 
 def test_operator_manifests_are_valid(cluster: Cluster) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from devkit.cluster import Cluster
 
 pytestmark = pytest.mark.cluster
 
-CRD = Path(__file__).resolve().parents[2] / "crds" / "characterfinetune.yaml"
+from devkit.paths import CRD, SAMPLE_FINETUNE
 NAMESPACE = "op-validation"
 VALID: dict[str, Any] = {
     "apiVersion": "llmmultichat.io/v1alpha1",
@@ -130,7 +129,7 @@ def test_character_and_target_are_immutable(kube: Cluster) -> None:
 
 
 def test_the_sample_resource_is_valid(kube: Cluster) -> None:
-    sample = Path(__file__).resolve().parents[2] / "deploy" / "samples" / "finetune.yaml"
+    sample = SAMPLE_FINETUNE
     namespace = json.loads(kube.kubectl("create", "--dry-run=client", "-o", "json", "-f", str(sample)).stdout)
     kube.create_namespace(namespace["metadata"]["namespace"])
     result = kube.kubectl("apply", "--validate=strict", "--dry-run=server", "-f", str(sample), check=False)

@@ -1,4 +1,4 @@
-module llmmultichat.io/tests/cluster
+module llmmultichat.io/devkit/control-plane
 
 go 1.26.0
 

@@ -37,7 +37,7 @@ from devkit.cluster import Cluster, ensure_cluster
 from devkit.model import ensure_embedded_model
 from devkit.podrunner import LocalPod, pvc_local_path, run_pod, start_pod_process, wait_for_pod, wait_until
 
-REPO = Path(__file__).resolve().parents[3]
+from devkit.paths import REPO_ROOT as REPO
 NAMESPACE = "llmmultichat"
 SAMPLE = REPO / "deploy" / "samples" / "finetune.yaml"
 OPERATOR_SA = "finetune-operator"

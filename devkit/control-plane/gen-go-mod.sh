@@ -11,7 +11,7 @@ k8s_mod=$(go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" | python3 -c 
 staging_version="v0.${K8S_VERSION#v1.}"
 
 rm -f go.mod go.sum
-go mod init llmmultichat.io/tests/cluster >/dev/null 2>&1
+go mod init llmmultichat.io/devkit/control-plane >/dev/null 2>&1
 go mod edit -go=1.26.0
 # Staging modules are the `k8s.io/<name> v0.0.0` lines of kubernetes' require blocks.
 for name in $(awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" {print $1}' "$k8s_mod" | sort -u); do

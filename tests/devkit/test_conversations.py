@@ -24,7 +24,9 @@ from devkit.conversations import (
 
 START = datetime(2026, 10, 27, tzinfo=UTC)
 END = datetime(2026, 11, 26, tzinfo=UTC)
-CONTRACTS = Path(__file__).resolve().parents[2] / "docs" / "contracts.md"
+from devkit.paths import DOCS
+
+CONTRACTS = DOCS / "contracts.md"
 
 
 def _history(character: str = "lumina", seed: int = 7, sessions: int = 120, **kwargs: float) -> list[dict]:

@@ -2,7 +2,7 @@
 real process (running as a ServiceAccount bound to the shipped ClusterRole, so RBAC is exercised too), and helpers to
 run training Jobs with a chosen trainer result.
 
-Imported by the cluster test modules as `operator_harness` (tests/operator is put on sys.path by conftest.py).
+Imported as `devkit.harness` by the operator tests, the demo and bench/.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import yaml
 from devkit.cluster import Cluster
 from devkit.podrunner import NEVER_READY_ANNOTATION, release_pod, wait_for_pod
 
-REPO = Path(__file__).resolve().parents[2]
+from devkit.paths import REPO_ROOT as REPO
 CRD = REPO / "crds" / "characterfinetune.yaml"
 RBAC = REPO / "deploy" / "operator" / "rbac.yaml"
 PEERING = REPO / "deploy" / "operator" / "peering.yaml"

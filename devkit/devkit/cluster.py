@@ -1,5 +1,5 @@
 """A real Kubernetes control plane on this machine: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
-kwok (fake nodes), built from their Go modules by tests/cluster/build.sh and run as background processes.
+kwok (fake nodes), built from their Go modules by devkit/control-plane/build.sh and run as background processes.
 
 State lives in `<repo>/.cluster/`: pki/ (CA, serving and client certificates, service-account keys; kept across
 restarts), etcd/ (data), volumes/ (hostPath PersistentVolumes), logs/, state.json (ports and PIDs) and kubeconfig.
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-CLUSTER_SRC = REPO_ROOT / "tests" / "cluster"
+from devkit.paths import CONTROL_PLANE_SRC as CLUSTER_SRC
+from devkit.paths import REPO_ROOT
 # $LLMMULTICHAT_CLUSTER_DIR runs a second, separate cluster (the lifecycle test uses it to leave the shared one be).
 STATE_DIR = Path(os.environ.get("LLMMULTICHAT_CLUSTER_DIR") or REPO_ROOT / ".cluster")
 KUBECONFIG = STATE_DIR / "kubeconfig"
