@@ -1,7 +1,6 @@
 """kopf operator for CharacterFineTune resources.
 
-`kopf run -m finetune_operator` imports this package, which registers the handlers; `python -m finetune_operator`
-does the same with flags and environment variables of its own (see __main__.py).
+Importing the package (or its pure modules: spec, runs, status, manifests, settings) registers no kopf handler and
+reads no environment. `python -m finetune_operator` (see __main__.py) registers the handlers and runs them;
+`kopf run -m finetune_operator.handlers` does the same with kopf's own command line.
 """
-
-from . import handlers as handlers

@@ -16,14 +16,10 @@ from .manifests import ANNOTATION_RECORDED, LABEL_FINETUNE
 from .settings import Settings
 from .spec import GROUP, PLURAL, VERSION
 
-# Read at import: kopf needs the handlers (and their options) registered before it starts.
-SETTINGS = Settings.from_env()
 # kopf keeps its handler progress and last-handled spec in annotations with this prefix (not kopf's default one),
 # so our bookkeeping is recognisable and cannot collide with another kopf operator's.
 PREFIX = "finetune.llmmultichat.io"
 CFT = (GROUP, VERSION, PLURAL)
-# Set by `python -m finetune_operator` from its flags; `kopf run -n ...` users set FINETUNE_NAMESPACES for peering.
-WATCHED_NAMESPACES: list[str] = list(SETTINGS.namespaces)
 log = logging.getLogger(__name__)
 
 
@@ -39,35 +35,45 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-@kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+def tune_kopf(kopf_settings: kopf.OperatorSettings, ours: Settings) -> None:
+    """kopf's own knobs: where it keeps its bookkeeping, peering, timeouts."""
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = f"{PREFIX}/cleanup"
-    if not settings.peering.mandatory:  # `kopf run --peering=NAME` wins over the environment
-        settings.peering.name = SETTINGS.peering_name
-    if settings.peering.priority == 0:
+    kopf_settings.persistence.finalizer = f"{PREFIX}/cleanup"
+    if not kopf_settings.peering.mandatory:  # `kopf run --peering=NAME` wins over the environment
+        kopf_settings.peering.name = ours.peering_name
+    if kopf_settings.peering.priority == 0:
         # Same-priority peers all pause; a random priority lets exactly one of several replicas work.
-        settings.peering.priority = SETTINGS.peering_priority or random.randint(1, 2**30)
+        kopf_settings.peering.priority = ours.peering_priority or random.randint(1, 2**30)
     # kopf turns its own log lines about an object into Events at this level; ours are posted explicitly.
-    settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 16
-    settings.watching.server_timeout = 300
-    settings.networking.request_timeout = 60
+    kopf_settings.posting.level = logging.WARNING
+    kopf_settings.execution.max_workers = 16
+    kopf_settings.watching.server_timeout = 300
+    kopf_settings.networking.request_timeout = 60
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # `python -m finetune_operator` puts the settings it resolved (flags on top of the environment) in the memo;
+    # under `kopf run -m finetune_operator.handlers` they are read from the environment here.
+    if "settings" not in memo:
+        memo.settings = Settings()
+    ours: Settings = memo.settings
+    tune_kopf(settings, ours)
     try:
-        metrics.serve(SETTINGS.metrics_port)
+        metrics.serve(ours.metrics_port)
     except OSError as exc:
         # A taken port is a configuration error: stop instead of retrying forever.
-        raise kopf.PermanentError(f"cannot serve /metrics on port {SETTINGS.metrics_port}: {exc}") from exc
+        raise kopf.PermanentError(f"cannot serve /metrics on port {ours.metrics_port}: {exc}") from exc
     kube = Kube.from_environment()
     if not settings.peering.standalone:
         # kopf only joins a peering whose object exists; create it so that a second replica is paused, not racing.
-        scope = None if settings.peering.clusterwide else WATCHED_NAMESPACES
+        scope = None if settings.peering.clusterwide else list(ours.namespaces)
         for created in ensure_peering(kube, settings.peering.name, scope):
             log.info("created peering object %s", created)
-    memo.controller = Controller(kube, SETTINGS)
+    memo.controller = Controller(kube, ours)
 
 
 @kopf.on.resume(*CFT)
@@ -87,7 +93,7 @@ async def resync(namespace: str, name: str, stopped: kopf.DaemonStopped, memo: k
     """Follows rollouts in flight and re-checks everything now and then (drift, missed events)."""
     ctl = controller(memo)
     while not stopped:
-        await stopped.wait(SETTINGS.rollout_poll_seconds)
+        await stopped.wait(ctl.settings.rollout_poll_seconds)
         if stopped or not ctl.due(namespace, name):
             continue
         try:
