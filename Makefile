@@ -50,8 +50,9 @@ bench: venv control-plane
 	$(PY) -m bench.operator_scale
 	$(PY) -m bench.chat_latency
 
-# Container images, where a Docker engine exists (not on CI here: see README).
-IMAGE_TAG ?= 4.0.0
+# Container images, where a Docker engine exists (not on CI here: see README). The tag comes from the `images:`
+# block of deploy/kustomization.yaml, the one source of names and tags (tests/test_images.py checks these against it).
+IMAGE_TAG ?= $(shell sed -n 's/^ *newTag: *//p' deploy/kustomization.yaml | head -n 1)
 images:
 	docker build -f trainer_image/Dockerfile -t llmmultichat/trainer:$(IMAGE_TAG) .
 	docker build -f chat_image/Dockerfile -t llmmultichat/chat:$(IMAGE_TAG) .

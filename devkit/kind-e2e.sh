@@ -5,9 +5,14 @@
 # Needs: docker, kind, kubectl, and the images from `make images`. The base model is the embedded one, copied onto
 # the model volume by a helper pod; the trainer runs on the CPU unless the kind node exposes GPUs.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 CLUSTER=${KIND_CLUSTER:-llmmultichat}
-TAG=${IMAGE_TAG:-4.0.0}
+# The tag `kubectl apply -k deploy/` deploys: the images: block of deploy/kustomization.yaml (the one source).
+TAG=$(sed -n 's/^ *newTag: *//p' deploy/kustomization.yaml | head -n 1)
+if [[ -n ${IMAGE_TAG:-} && $IMAGE_TAG != "$TAG" ]]; then
+  echo "deploy/ runs tag $TAG, not IMAGE_TAG=$IMAGE_TAG: set it there (kustomize edit set image) or drop IMAGE_TAG" >&2
+  exit 2
+fi
 NS=llmmultichat
 for tool in docker kind kubectl; do
   command -v "$tool" >/dev/null || { echo "kind-e2e needs $tool on PATH" >&2; exit 2; }
