@@ -23,7 +23,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,7 +77,9 @@ def format_example(instruction: str, context: str, output: str) -> str:
 def training_documents() -> list[str]:
     """The pretraining text: the bundled corpus in paragraphs of a few lines (repeated), then the neutral dialogue."""
     documents: list[str] = []
-    corpus = resources.files("devkit") / "corpus"
+    # Beside this module, not resources.files("devkit"): from the checkout's root, the folder devkit/ that holds the
+    # package is also importable as "devkit" (a namespace package, which wins over the editable install).
+    corpus = Path(__file__).with_name("corpus")
     for entry in sorted(corpus.iterdir(), key=lambda item: item.name):
         if not entry.name.endswith(".txt"):
             continue
