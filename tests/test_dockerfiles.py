@@ -1,7 +1,8 @@
 """Static checks of the three image Dockerfiles (no Docker engine needed): multi-stage, pinned, non-root, small.
 
 A tiny parser: comment lines dropped, backslash continuations joined, one (INSTRUCTION, arguments) pair per
-instruction, stages split on FROM. Enough for these files; not a general Dockerfile parser.
+instruction, stages split on FROM, global ARGs (before the first FROM) substituted into FROM lines with their
+defaults. Enough for these files; not a general Dockerfile parser.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import re
 import shlex
 
 import pytest
-
 from devkit.paths import REPO_ROOT as ROOT
+
 DOCKERFILES = ["operator/Dockerfile", "trainer_image/Dockerfile", "chat_image/Dockerfile"]
 
 Instruction = tuple[str, str]
@@ -35,13 +36,27 @@ def parse(text: str) -> list[Instruction]:
     return instructions
 
 
+def global_args(instructions: list[Instruction]) -> dict[str, str]:
+    """The ARGs before the first FROM, with their defaults: the only ones a FROM line may use."""
+    defaults: dict[str, str] = {}
+    for keyword, args in instructions:
+        if keyword == "FROM":
+            break
+        assert keyword == "ARG", f"{keyword} before the first FROM"
+        name, _, default = args.partition("=")
+        defaults[name] = default
+    return defaults
+
+
 def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
+    """The instructions of each stage, FROM first, with global ARGs substituted into the FROM lines."""
+    defaults = global_args(instructions)
     result: list[list[Instruction]] = []
-    for instruction in instructions:
-        if instruction[0] == "FROM":
+    for keyword, args in instructions[len(defaults):]:
+        if keyword == "FROM":
+            args = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m.group(1) or m.group(2)], args)
             result.append([])
-        assert result, f"{instruction[0]} before the first FROM"
-        result[-1].append(instruction)
+        result[-1].append((keyword, args))
     return result
 
 
@@ -72,6 +87,18 @@ def test_every_from_has_an_explicit_tag(dockerfile):
             assert tag and tag != "latest", f"{name}: FROM {image} needs an explicit, non-latest tag"
         if len(rest) == 2 and rest[0].upper() == "AS":
             aliases.add(rest[1])
+
+
+def test_base_image_is_a_build_argument_defaulting_to_the_public_slim_image():
+    # One base for both stages (the venv's python symlink must resolve in the runtime stage), replaceable with a
+    # local one on the real node's path (devkit/images/base.sh).
+    for name in DOCKERFILES:
+        instructions = parse((ROOT / name).read_text(encoding="utf-8"))
+        assert global_args(instructions) == {"BASE_IMAGE": "python:3.11.7-slim-bookworm"}, name
+        froms = [args for keyword, args in instructions if keyword == "FROM"]
+        assert froms == ["${BASE_IMAGE} AS builder", "${BASE_IMAGE}"], name
+        assert [args for _, args in (stage[0] for stage in stages(instructions))] == [
+            "python:3.11.7-slim-bookworm AS builder", "python:3.11.7-slim-bookworm"], name
 
 
 def test_final_stage_runs_as_numeric_non_root_user(dockerfile):
