@@ -118,24 +118,8 @@ def trainer_tolerations(spec: FineTuneSpec) -> list[dict[str, Any]]:
     return tolerations
 
 
-def build_cronjob(
-    *,
-    name: str,
-    namespace: str,
-    spec: FineTuneSpec,
-    serving_version: str | None,
-    settings: Settings,
-    owner: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The CronJob that runs this resource's trainer: a full apply configuration, owned by the resource."""
-    labels = resource_labels(name, spec.character)
-    env: list[dict[str, Any]] = [
-        {"name": "HISTORY_TOKEN", "valueFrom": {"secretKeyRef": {"name": spec.data.token.name,
-                                                                  "key": spec.data.token.key}}},
-        # The root filesystem is read-only: caches (HF, torch, triton) go to the /tmp emptyDir.
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
+def trainer_storage(spec: FineTuneSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The trainer's volume mounts and the pod's volumes: adapters (read-write), shared memory, /tmp, the models."""
     mounts: list[dict[str, Any]] = [
         {"name": "adapters", "mountPath": ADAPTER_ROOT},
         {"name": "dshm", "mountPath": "/dev/shm"},
@@ -150,6 +134,18 @@ def build_cronjob(
         mounts.append({"name": "models", "mountPath": MODELS_ROOT, "readOnly": True})
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": spec.model_claim,
                                                                     "readOnly": True}})
+    return mounts, volumes
+
+
+def trainer_container(spec: FineTuneSpec, serving_version: str | None, settings: Settings,
+                      mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    env: list[dict[str, Any]] = [
+        {"name": "HISTORY_TOKEN", "valueFrom": {"secretKeyRef": {"name": spec.data.token.name,
+                                                                  "key": spec.data.token.key}}},
+        # The root filesystem is read-only: caches (HF, torch, triton) go to the /tmp emptyDir.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": spec.image or settings.trainer_image,
@@ -170,6 +166,11 @@ def build_cronjob(
     resources = trainer_resources(spec)
     if resources:
         container["resources"] = resources
+    return container
+
+
+def trainer_pod_spec(spec: FineTuneSpec, serving_version: str | None, settings: Settings) -> dict[str, Any]:
+    mounts, volumes = trainer_storage(spec)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         # The trainer talks to the chat service, never to the Kubernetes API.
@@ -181,7 +182,7 @@ def build_cronjob(
             "fsGroup": settings.trainer_uid,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [container],
+        "containers": [trainer_container(spec, serving_version, settings, mounts)],
         "volumes": volumes,
     }
     if spec.resources.node_selector:
@@ -189,6 +190,20 @@ def build_cronjob(
     tolerations = trainer_tolerations(spec)
     if tolerations:
         pod_spec["tolerations"] = tolerations
+    return pod_spec
+
+
+def build_cronjob(
+    *,
+    name: str,
+    namespace: str,
+    spec: FineTuneSpec,
+    serving_version: str | None,
+    settings: Settings,
+    owner: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The CronJob that runs this resource's trainer: a full apply configuration, owned by the resource."""
+    labels = resource_labels(name, spec.character)
     cron_spec: dict[str, Any] = {
         "schedule": spec.schedule,
         "suspend": spec.suspend,
@@ -203,7 +218,8 @@ def build_cronjob(
                 "backoffLimit": spec.training.backoff_limit,
                 "activeDeadlineSeconds": spec.training.active_deadline_seconds,
                 "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-                "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+                "template": {"metadata": {"labels": dict(labels)},
+                             "spec": trainer_pod_spec(spec, serving_version, settings)},
             },
         },
     }

@@ -101,72 +101,74 @@ def plan_serving(
     if not has_container(deployment, spec.target.container):
         return Plan("none", st, error=(f"target Deployment {spec.target.deployment!r} has no container "
                                        f"{spec.target.container!r}"))
-    desired = desired_version(spec, annotations, status)
-    mounted = mounted_version(deployment, spec)
     rollout = st.get("rollout")
-    events: list[Event] = []
-    counters: list[Literal["promotion", "rollback"]] = []
     if rollout:
-        version = rollout.get("version") or None
         state = rollout_state(deployment, int(rollout.get("generation") or 0))
         if state == "Progressing":
             return Plan("wait", st)
         st["rollout"] = None
-        if state == "Complete" and rollout.get("rollback"):
-            st["servingVersion"] = version
-            st["servingMetrics"] = metrics_of(version, status)
-            events.append(Event("Normal", "RolledBack", f"serving {version or 'the base model'} again"))
-            return Plan("none", st, events=events)
         if state == "Complete":
-            st["previousVersion"] = rollout.get("fromVersion") or None
-            st["servingVersion"] = version
-            st["servingMetrics"] = metrics_of(version, status)
-            st["failedVersion"] = None
-            if rollout.get("source") == "annotation":
-                # A person approved it: it stays approved if the mode later goes back to Auto.
-                st["approvedVersion"] = version
-            if st.get("candidateVersion") == version:
-                st["candidateVersion"] = None
-            if version:
-                events.append(Event("Normal", "Promoted", f"rollout complete, serving adapter {version}"))
-                counters.append("promotion")
-            else:
-                events.append(Event("Normal", "Unmounted", "rollout complete, serving the base model"))
-            return Plan("none", st, events=events, counters=counters)
-        if state == "Failed" and rollout.get("rollback"):
-            events.append(Event("Warning", "RollbackFailed",
-                                f"restoring {version or 'the base model'} did not complete either; "
-                                "check the Deployment"))
-            st["servingVersion"] = version
-            st["servingMetrics"] = metrics_of(version, status)
-            return Plan("none", st, events=events)
+            return rollout_complete(rollout, st, status)
         if state == "Failed":
-            back = rollout.get("fromVersion") or None
-            st["failedVersion"] = version or ""
-            st["rollout"] = {"version": back or "", "fromVersion": version or "", "rollback": True,
-                             "startedAt": now}
-            events.append(Event("Warning", "RolloutFailed",
-                                f"rollout of {version or 'the base model'} exceeded its progress deadline; "
-                                f"restoring {back or 'the base model'}"))
-            counters.append("rollback")
-            return Plan("apply" if back else "unmount", st, version=back, events=events,
-                        counters=counters)
+            return rollout_failed(rollout, st, status, now)
         # Lost: the Deployment was replaced; plan afresh below.
+    return plan_rollout(spec, desired_version(spec, annotations, status), mounted_version(deployment, spec), st, now)
+
+
+def rollout_complete(rollout: Mapping[str, Any], st: dict[str, Any], status: Mapping[str, Any]) -> Plan:
+    """The rollout in flight finished: the version it mounted serves now (a rollback's too)."""
+    version = rollout.get("version") or None
+    st["servingVersion"] = version
+    st["servingMetrics"] = metrics_of(version, status)
+    if rollout.get("rollback"):
+        return Plan("none", st, events=[Event("Normal", "RolledBack", f"serving {version or 'the base model'} again")])
+    st["previousVersion"] = rollout.get("fromVersion") or None
+    st["failedVersion"] = None
+    if rollout.get("source") == "annotation":
+        # A person approved it: it stays approved if the mode later goes back to Auto.
+        st["approvedVersion"] = version
+    if st.get("candidateVersion") == version:
+        st["candidateVersion"] = None
+    if not version:
+        return Plan("none", st, events=[Event("Normal", "Unmounted", "rollout complete, serving the base model")])
+    return Plan("none", st, events=[Event("Normal", "Promoted", f"rollout complete, serving adapter {version}")],
+                counters=["promotion"])
+
+
+def rollout_failed(rollout: Mapping[str, Any], st: dict[str, Any], status: Mapping[str, Any], now: str) -> Plan:
+    """The rollout in flight exceeded its progress deadline: roll back to what served before (once)."""
+    version = rollout.get("version") or None
+    if rollout.get("rollback"):
+        st["servingVersion"] = version
+        st["servingMetrics"] = metrics_of(version, status)
+        return Plan("none", st, events=[Event("Warning", "RollbackFailed",
+                                              f"restoring {version or 'the base model'} did not complete either; "
+                                              "check the Deployment")])
+    back = rollout.get("fromVersion") or None
+    st["failedVersion"] = version or ""
+    st["rollout"] = {"version": back or "", "fromVersion": version or "", "rollback": True, "startedAt": now}
+    event = Event("Warning", "RolloutFailed", f"rollout of {version or 'the base model'} exceeded its progress "
+                                              f"deadline; restoring {back or 'the base model'}")
+    return Plan("apply" if back else "unmount", st, version=back, events=[event], counters=["rollback"])
+
+
+def plan_rollout(spec: FineTuneSpec, desired: Desired, mounted: str | None, st: dict[str, Any], now: str) -> Plan:
+    """No rollout in flight: start the one that makes the Deployment serve `desired`, if any is needed."""
     if desired.version is None:
         if mounted is None and not st.get("servingVersion"):
-            return Plan("none", st, events=events)
+            return Plan("none", st)
         st["rollout"] = {"version": "", "fromVersion": st.get("servingVersion") or mounted or "",
                          "source": desired.source, "startedAt": now}
-        return Plan("unmount", st, events=events)
+        return Plan("unmount", st)
     if desired.version == st.get("failedVersion"):
-        return Plan("none", st, events=events)  # stays on what serves; phase says RolloutFailed
+        return Plan("none", st)  # stays on what serves; phase says RolloutFailed
     if mounted == desired.version and st.get("servingVersion") == desired.version:
-        return Plan("none", st, events=events)
+        return Plan("none", st)
     st["rollout"] = {"version": desired.version, "fromVersion": st.get("servingVersion") or "",
                      "source": desired.source, "startedAt": now}
-    events.append(Event("Normal", "Promoting", f"mounting adapter {desired.version} ({desired.source}) in "
-                                               f"Deployment {spec.target.deployment}"))
-    return Plan("apply", st, version=desired.version, events=events)
+    event = Event("Normal", "Promoting", f"mounting adapter {desired.version} ({desired.source}) in "
+                                         f"Deployment {spec.target.deployment}")
+    return Plan("apply", st, version=desired.version, events=[event])
 
 
 def metrics_of(version: str | None, status: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -268,77 +270,85 @@ class Observed:
     reconcile_error: str | None = None
 
 
+ConditionValue = tuple[Literal["True", "False", "Unknown"], str, str]  # status, reason, message
+
+
+def scheduled_condition(spec: FineTuneSpec, observed: Observed) -> ConditionValue:
+    """Is the CronJob in place and active?"""
+    if observed.cronjob_error:
+        return "False", "CronJobError", observed.cronjob_error
+    if spec.suspend:
+        return "False", "Suspended", "scheduled runs are suspended (spec.suspend)"
+    tz = f" ({spec.time_zone})" if spec.time_zone else ""
+    return "True", "CronJobReady", f"trains on schedule '{spec.schedule}'{tz}"
+
+
+def trained_condition(status: Mapping[str, Any]) -> ConditionValue:
+    """What the last finished run did."""
+    last = status.get("lastRun") or {}
+    outcome = last.get("outcome")
+    if not last and status.get("activeRun"):
+        return "Unknown", "Training", f"Job {status['activeRun'].get('job')} is running"
+    if not last:
+        return "Unknown", "NoRunYet", "no training run has finished yet"
+    if outcome in ("trained", "rejected"):
+        reason = "Trained" if outcome == "trained" else "Rejected"
+        return "True", reason, f"{last.get('job')}: adapter {last.get('version')}; {last.get('reason', '')}"
+    if outcome == "skipped":
+        return "False", "Skipped", f"{last.get('job')}: {last.get('reason', 'skipped')}"
+    return "False", "Failed", f"{last.get('job')}: {last.get('reason', 'failed')}"
+
+
+def promoted_condition(spec: FineTuneSpec, annotations: Mapping[str, str], status: Mapping[str, Any],
+                       observed: Observed) -> ConditionValue:
+    """Does the Deployment carry the version that should serve?"""
+    desired = desired_version(spec, annotations, status)
+    serving = status.get("servingVersion")
+    rollout = status.get("rollout") or {}
+    candidate = status.get("candidateVersion")
+    if observed.target_error:
+        return "False", "TargetError", observed.target_error
+    if rollout and rollout.get("rollback"):
+        return "False", "RolloutFailed", (f"rollout of {rollout.get('fromVersion') or 'the base model'} failed; "
+                                          f"restoring {rollout.get('version') or 'the base model'}")
+    if rollout:
+        return "False", "RolloutInProgress", f"rolling out {rollout.get('version') or 'the base model'}"
+    if desired.version and desired.version == status.get("failedVersion"):
+        return "False", "RolloutFailed", f"rollout of {desired.version} failed; serving {serving or 'the base model'}"
+    if desired.version and serving == desired.version:
+        return "True", "Promoted", f"serving adapter {serving} ({desired.source})"
+    if spec.promotion.manual and candidate and candidate != serving:
+        return "False", "AwaitingApproval", f"annotate llmmultichat.io/promote={candidate} to promote it"
+    if not status.get("lastRun"):
+        return "Unknown", "NoRunYet", "nothing trained yet"
+    return "False", "NothingToPromote", f"no adapter approved yet; serving {serving or 'the base model'}"
+
+
+def ready_condition(spec: FineTuneSpec, status: Mapping[str, Any], observed: Observed) -> ConditionValue:
+    """Has the Deployment finished rolling out what this resource wants serving?"""
+    serving = status.get("servingVersion")
+    if observed.target_error:
+        return "False", "TargetError", observed.target_error
+    if status.get("rollout"):
+        return "False", "RolloutInProgress", f"Deployment {spec.target.deployment} is rolling out"
+    if serving:
+        return "True", "RolloutComplete", f"Deployment {spec.target.deployment} serves adapter {serving}"
+    return "False", "NotServing", "no adapter serves this character yet (the base model does)"
+
+
 def conditions_for(
     spec: FineTuneSpec, annotations: Mapping[str, str], status: Mapping[str, Any], observed: Observed, now: str
 ) -> list[dict[str, Any]]:
     conditions: list[dict[str, Any]] = list(status.get("conditions") or ())
-    gen = observed.generation
-
-    def put(type_: str, value: Literal["True", "False", "Unknown"], reason: str, message: str) -> None:
-        nonlocal conditions
+    values = {
+        "Scheduled": scheduled_condition(spec, observed),
+        "Trained": trained_condition(status),
+        "Promoted": promoted_condition(spec, annotations, status, observed),
+        "Ready": ready_condition(spec, status, observed),
+    }
+    for type_, (value, reason, message) in values.items():
         conditions = set_condition(conditions, type=type_, status=value, reason=reason, message=message,
-                                   generation=gen, now=now)
-
-    # Scheduled: is the CronJob in place and active?
-    if observed.cronjob_error:
-        put("Scheduled", "False", "CronJobError", observed.cronjob_error)
-    elif spec.suspend:
-        put("Scheduled", "False", "Suspended", "scheduled runs are suspended (spec.suspend)")
-    else:
-        tz = f" ({spec.time_zone})" if spec.time_zone else ""
-        put("Scheduled", "True", "CronJobReady", f"trains on schedule '{spec.schedule}'{tz}")
-
-    # Trained: what the last finished run did.
-    last = status.get("lastRun") or {}
-    outcome = last.get("outcome")
-    if not last:
-        if status.get("activeRun"):
-            put("Trained", "Unknown", "Training", f"Job {status['activeRun'].get('job')} is running")
-        else:
-            put("Trained", "Unknown", "NoRunYet", "no training run has finished yet")
-    elif outcome in ("trained", "rejected"):
-        reason = "Trained" if outcome == "trained" else "Rejected"
-        put("Trained", "True", reason, f"{last.get('job')}: adapter {last.get('version')}; {last.get('reason', '')}")
-    elif outcome == "skipped":
-        put("Trained", "False", "Skipped", f"{last.get('job')}: {last.get('reason', 'skipped')}")
-    else:
-        put("Trained", "False", "Failed", f"{last.get('job')}: {last.get('reason', 'failed')}")
-
-    # Promoted: does the Deployment carry the version that should serve?
-    desired = desired_version(spec, annotations, status)
-    serving = status.get("servingVersion")
-    rollout = status.get("rollout") or {}
-    if observed.target_error:
-        put("Promoted", "False", "TargetError", observed.target_error)
-    elif rollout and rollout.get("rollback"):
-        put("Promoted", "False", "RolloutFailed",
-            f"rollout of {rollout.get('fromVersion') or 'the base model'} failed; restoring "
-            f"{rollout.get('version') or 'the base model'}")
-    elif rollout:
-        put("Promoted", "False", "RolloutInProgress", f"rolling out {rollout.get('version') or 'the base model'}")
-    elif desired.version and desired.version == status.get("failedVersion"):
-        put("Promoted", "False", "RolloutFailed",
-            f"rollout of {desired.version} failed; serving {serving or 'the base model'}")
-    elif desired.version and serving == desired.version:
-        put("Promoted", "True", "Promoted", f"serving adapter {serving} ({desired.source})")
-    elif spec.promotion.manual and status.get("candidateVersion") and status.get("candidateVersion") != serving:
-        put("Promoted", "False", "AwaitingApproval",
-            f"annotate llmmultichat.io/promote={status['candidateVersion']} to promote it")
-    elif not last:
-        put("Promoted", "Unknown", "NoRunYet", "nothing trained yet")
-    else:
-        put("Promoted", "False", "NothingToPromote",
-            f"no adapter approved yet; serving {serving or 'the base model'}")
-
-    # Ready: the Deployment finished rolling out what this resource wants serving.
-    if observed.target_error:
-        put("Ready", "False", "TargetError", observed.target_error)
-    elif rollout:
-        put("Ready", "False", "RolloutInProgress", f"Deployment {spec.target.deployment} is rolling out")
-    elif serving:
-        put("Ready", "True", "RolloutComplete", f"Deployment {spec.target.deployment} serves adapter {serving}")
-    else:
-        put("Ready", "False", "NotServing", "no adapter serves this character yet (the base model does)")
+                                   generation=observed.generation, now=now)
     return conditions
 
 
