@@ -38,7 +38,6 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    func,
     insert,
     select,
     text,
@@ -288,13 +287,6 @@ class Store:
             session.execute(update(Message).where(Message.id == message_id).values(feedback=feedback))
             session.refresh(row)
             return StoredMessage.of(row)
-
-    def count(self, character: str | None = None) -> int:
-        query = select(func.count(Message.id))
-        if character is not None:
-            query = query.where(Message.character == character)
-        with Session(self.engine) as session:
-            return int(session.scalar(query) or 0)
 
 
 def _configure_sqlite(engine: Engine) -> None:
