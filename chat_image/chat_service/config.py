@@ -1,47 +1,54 @@
-"""Service settings: environment variables first, command-line flags on top (flags win)."""
+"""Service settings: environment variables first, command-line flags on top (flags win).
+
+Each setting's variable is `CHAT_<NAME>` (e.g. `max_body_bytes` ← `CHAT_MAX_BODY_BYTES`), except the few shared with
+the pod spec the operator writes, which carry no prefix (their `validation_alias`). An empty variable keeps the default.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 DEFAULT_CHARACTERS_FILE = Path(__file__).with_name("characters.json")
-
-# Environment variable for each setting. The first four are shared with the pod spec the operator writes,
-# so they carry no prefix; the tuning knobs are prefixed to keep the pod's environment readable.
-ENV_VARS: dict[str, str] = {
-    "database_url": "DATABASE_URL",
-    "base_model": "BASE_MODEL",
-    "adapters_root": "ADAPTERS_ROOT",
-    "history_token": "HISTORY_TOKEN",
-    "history_token_file": "HISTORY_TOKEN_FILE",
-    "characters_file": "CHAT_CHARACTERS_FILE",
-    "device": "CHAT_DEVICE",
-    "torch_threads": "CHAT_TORCH_THREADS",
-    "max_body_bytes": "CHAT_MAX_BODY_BYTES",
-    "max_import_bytes": "CHAT_MAX_IMPORT_BYTES",
-    "max_message_chars": "CHAT_MAX_MESSAGE_CHARS",
-    "max_tokens_limit": "CHAT_MAX_TOKENS_LIMIT",
-    "max_prompt_tokens": "CHAT_MAX_PROMPT_TOKENS",
-    "context_messages": "CHAT_CONTEXT_MESSAGES",
-    "context_chars": "CHAT_CONTEXT_CHARS",
-    "log_level": "CHAT_LOG_LEVEL",
-}
+ENV_PREFIX = "CHAT_"
 
 
-class Settings(BaseModel):
-    """Everything the service needs to start. Build it in Python for tests and benchmarks, or with `from_env`."""
+class Settings(BaseSettings):
+    """Everything the service needs to start. `Settings()` reads the environment, keyword arguments win over it;
+    `from_env` also takes the environment as a mapping."""
 
-    database_url: str = Field("sqlite:///chat.db", description="SQLAlchemy URL; SQLite file or postgresql+psycopg://")
-    base_model: str = Field("gpt2", description="path or hub id of the base causal LM, loaded with from_pretrained")
-    adapters_root: Path = Field(Path("/models"), description="holds lora_<character>/ adapter directories")
-    history_token: str | None = Field(None, description="bearer token for GET /v1/history")
-    history_token_file: Path | None = Field(None, description="file holding the token (a mounted Secret)")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,
+        validate_by_name=True,  # Settings(database_url=...) as well as the variable name
+        loc_by_alias=False,  # errors name the setting; `env_var` names its variable
+    )
+
+    database_url: str = Field(
+        "sqlite:///chat.db",
+        validation_alias="DATABASE_URL",
+        description="SQLAlchemy URL; SQLite file or postgresql+psycopg://",
+    )
+    base_model: str = Field(
+        "gpt2",
+        validation_alias="BASE_MODEL",
+        description="path or hub id of the base causal LM, loaded with from_pretrained",
+    )
+    adapters_root: Path = Field(
+        Path("/models"), validation_alias="ADAPTERS_ROOT", description="holds lora_<character>/ adapter directories"
+    )
+    history_token: str | None = Field(
+        None, validation_alias="HISTORY_TOKEN", description="bearer token for GET /v1/history"
+    )
+    history_token_file: Path | None = Field(
+        None, validation_alias="HISTORY_TOKEN_FILE", description="file holding the token (a mounted Secret)"
+    )
     characters_file: Path = Field(DEFAULT_CHARACTERS_FILE, description="JSON file with the character list")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's own")
@@ -65,11 +72,12 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Settings from environment variables (see ENV_VARS); keyword overrides win."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {key: env[var] for key, var in ENV_VARS.items() if env.get(var, "") != ""}
-        values.update({key: value for key, value in overrides.items() if value is not None})
-        return cls(**values)
+        """Settings from `environ` (default: the process environment); keyword overrides that are not None win."""
+        given = {key: value for key, value in overrides.items() if value is not None}
+        if environ is None:
+            return cls(**given)
+        sources = (InitSettingsSource(cls, init_kwargs=given), _MappingEnvSource(cls, environ))
+        return cls(_build_sources=(sources, given))
 
     def resolved_history_token(self) -> str | None:
         """The history token: the file (a mounted Secret) wins over the plain variable when both are set."""
@@ -79,6 +87,23 @@ class Settings(BaseModel):
                 raise ValueError(f"history token file {self.history_token_file} is empty")
             return token
         return self.history_token or None
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, reading a given mapping instead of `os.environ`."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+def env_var(setting: str) -> str:
+    """The environment variable a setting is read from."""
+    alias = Settings.model_fields[setting].validation_alias
+    return alias if isinstance(alias, str) else f"{ENV_PREFIX}{setting.upper()}"
 
 
 def parse_args(
@@ -113,8 +138,6 @@ def parse_args(
         )
     except ValidationError as exc:
         # Name the environment variable too: most settings arrive that way in a pod.
-        problems = "; ".join(
-            f"{err['loc'][0]} ({ENV_VARS.get(str(err['loc'][0]), 'flag')}): {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{err['loc'][0]} ({env_var(str(err['loc'][0]))}): {err['msg']}" for err in exc.errors())
         parser.error(f"invalid settings: {problems}")
     return settings, args.host, args.port
