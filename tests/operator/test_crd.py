@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator.spec import DEFAULT_SCHEDULE, FineTuneSpec
-
 from devkit.paths import CRD as CRD_PATH
+from finetune_operator.spec import DEFAULT_SCHEDULE, FineTuneSpec
 
 
 @pytest.fixture(scope="module")
