@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from typing import Any
 
 from devkit.paths import CONTROL_PLANE_SRC as CLUSTER_SRC
 from devkit.paths import REPO_ROOT
+from devkit.waiting import free_port
+
 # $LLMMULTICHAT_CLUSTER_DIR runs a second, separate cluster (the lifecycle test uses it to leave the shared one be).
 STATE_DIR = Path(os.environ.get("LLMMULTICHAT_CLUSTER_DIR") or REPO_ROOT / ".cluster")
 KUBECONFIG = STATE_DIR / "kubeconfig"
@@ -58,7 +59,12 @@ CLIENTS = {
     "kube-controller-manager": ("system:kube-controller-manager", ""),
     "kube-scheduler": ("system:kube-scheduler", ""),
     "kwok": ("kwok-controller", "system:masters"),
+    # The API server's identity towards kubelets (logs, exec, port-forward on the real node).
+    "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", "system:masters"),
 }
+PKI_VERSION = "2"  # bumped when CLIENTS or the serving certificate's SANs change
+# The real node's address (devkit.realnode): the host end of its pod bridge, and a SAN of the API server's certificate.
+NODE_IP = "10.250.0.1"
 GPU_NODES = ("gpu-node-1", "gpu-node-2")
 CPU_NODES = ("cpu-node-1",)
 GPUS_PER_NODE = 2
@@ -68,7 +74,7 @@ class ClusterError(RuntimeError):
     """The local control plane could not be built, started, reached or stopped."""
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     print(f"[cluster] {message}", file=sys.stderr, flush=True)
 
 
@@ -150,11 +156,12 @@ def _ec_key(path: Path) -> None:
     path.chmod(0o600)
 
 
-def _sign(name: str, subject: str, extensions: str) -> None:
-    key, csr, crt = PKI / f"{name}.key", PKI / f"{name}.csr", PKI / f"{name}.crt"
+def sign_certificate(stem: Path, subject: str, extensions: str) -> None:
+    """A new key `<stem>.key` and its certificate `<stem>.crt`, signed by the cluster's CA."""
+    key, csr, crt = stem.with_suffix(".key"), stem.with_suffix(".csr"), stem.with_suffix(".crt")
     _ec_key(key)
     _openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
-    ext = PKI / f"{name}.ext"
+    ext = stem.with_suffix(".ext")
     ext.write_text(extensions)
     _openssl("x509", "-req", "-in", str(csr), "-CA", str(PKI / "ca.crt"), "-CAkey", str(PKI / "ca.key"),
              "-CAcreateserial", "-days", "3650", "-sha256", "-extfile", str(ext), "-out", str(crt))
@@ -163,48 +170,50 @@ def _sign(name: str, subject: str, extensions: str) -> None:
 
 
 def _ensure_pki() -> None:
-    if (PKI / "complete").exists():
+    # A PKI made before a client was added (or before the node address was a SAN) is made anew.
+    if (PKI / "complete").exists() and (PKI / "complete").read_text() == PKI_VERSION:
         return
-    _log("generating the CA, serving and client certificates and service-account keys")
+    log("generating the CA, serving and client certificates and service-account keys")
     shutil.rmtree(PKI, ignore_errors=True)
     PKI.mkdir(parents=True)
     _ec_key(PKI / "ca.key")
     _openssl("req", "-x509", "-new", "-key", str(PKI / "ca.key"), "-subj", "/CN=llmmultichat-local-ca",
              "-days", "3650", "-sha256", "-out", str(PKI / "ca.crt"))
-    sans = ",".join(["IP:127.0.0.1", "IP:10.96.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
-                     "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"])
-    _sign("apiserver", "/CN=kube-apiserver",
-          f"keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName={sans}\n")
+    sans = ",".join(["IP:127.0.0.1", "IP:10.96.0.1", f"IP:{NODE_IP}", "DNS:localhost", "DNS:kubernetes",
+                     "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
+                     "DNS:kubernetes.default.svc.cluster.local"])
+    sign_certificate(PKI / "apiserver", "/CN=kube-apiserver",
+                     f"keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName={sans}\n")
     for name, (cn, org) in CLIENTS.items():
         subject = f"/CN={cn}" + (f"/O={org}" if org else "")
-        _sign(name, subject, "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n")
+        sign_certificate(PKI / name, subject, "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n")
     _ec_key(PKI / "sa.key")
     _openssl("pkey", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub"))
-    (PKI / "complete").touch()
+    (PKI / "complete").write_text(PKI_VERSION)
 
 
 def _kubeconfig(client: str, server: str) -> str:
-    def b64(name: str) -> str:
-        return base64.b64encode((PKI / name).read_bytes()).decode()
+    return kubeconfig_for(server, PKI / client)
 
+
+def kubeconfig_for(server: str, cert_stem: Path) -> str:
+    """A kubeconfig for `server` that authenticates with `<cert_stem>.crt/.key` (certificates embedded)."""
+    def b64(path: Path) -> str:
+        return base64.b64encode(path.read_bytes()).decode()
+
+    user = cert_stem.name
     config = {
         "apiVersion": "v1", "kind": "Config", "current-context": "llmmultichat",
         "clusters": [{"name": "llmmultichat",
-                      "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")}}],
-        "users": [{"name": client, "user": {"client-certificate-data": b64(f"{client}.crt"),
-                                            "client-key-data": b64(f"{client}.key")}}],
-        "contexts": [{"name": "llmmultichat", "context": {"cluster": "llmmultichat", "user": client}}],
+                      "cluster": {"server": server, "certificate-authority-data": b64(PKI / "ca.crt")}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_stem.with_suffix(".crt")),
+                                          "client-key-data": b64(cert_stem.with_suffix(".key"))}}],
+        "contexts": [{"name": "llmmultichat", "context": {"cluster": "llmmultichat", "user": user}}],
     }
     return json.dumps(config, indent=2)
 
 
 # ---------------------------------------------------------------------------------------------------------- processes
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _stat_fields(pid: int) -> list[str] | None:
     """Fields of /proc/pid/stat after the command name (state is [0], start time [19])."""
@@ -214,7 +223,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """The kernel's start time of `pid`, which tells a reused PID from ours."""
     fields = _stat_fields(pid)
     return fields[19] if fields else None
@@ -225,41 +234,40 @@ def _proc_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
-def _alive(proc: dict[str, Any]) -> bool:
+def alive(proc: dict[str, Any]) -> bool:
     pid = int(proc["pid"])
     # Reap it if this Python process started it: an exited child stays a zombie until its parent waits.
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    if _start_time(pid) != proc["start_time"]:
+    if start_time(pid) != proc["start_time"]:
         return False
     return _proc_state(pid) not in ("Z", "X", None)
 
 
-def _read_state() -> dict[str, Any] | None:
+def read_state() -> dict[str, Any] | None:
     try:
         return dict(json.loads(STATE_FILE.read_text()))
     except (OSError, ValueError):
         return None
 
 
-def _write_state(state: dict[str, Any]) -> None:
+def write_state(state: dict[str, Any]) -> None:
     tmp = STATE_FILE.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
     tmp.replace(STATE_FILE)
 
 
 def _spawn(name: str, argv: list[str], state: dict[str, Any]) -> None:
-    log = (LOGS / f"{name}.log").open("wb")
+    log_file = (LOGS / f"{name}.log").open("wb")
     # A session of its own: the component outlives the Python process (pytest, make) that started it.
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=STATE_DIR)
-    log.close()
-    start_time = _start_time(proc.pid)
-    state["processes"][name] = {"pid": proc.pid, "start_time": start_time, "argv": argv}
-    _write_state(state)
+    log_file.close()
+    state["processes"][name] = {"pid": proc.pid, "start_time": start_time(proc.pid), "argv": argv}
+    write_state(state)
 
 
-def _tail(name: str, lines: int = 15) -> str:
+def tail(name: str, lines: int = 15) -> str:
     try:
         return "\n".join((LOGS / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -270,13 +278,13 @@ def _wait(what: str, check: Any, state: dict[str, Any], component: str, timeout:
     deadline = time.monotonic() + timeout
     while True:
         proc = state["processes"].get(component)
-        if proc and not _alive(proc):
-            raise ClusterError(f"{component} exited while waiting for {what}; last log lines:\n{_tail(component)}")
+        if proc and not alive(proc):
+            raise ClusterError(f"{component} exited while waiting for {what}; last log lines:\n{tail(component)}")
         if check():
             return
         if time.monotonic() > deadline:
             raise ClusterError(f"timed out after {timeout}s waiting for {what}; last log lines of {component}:\n"
-                               f"{_tail(component)}")
+                               f"{tail(component)}")
         time.sleep(0.2)
 
 
@@ -306,12 +314,13 @@ def _http_ok(url: str) -> bool:
 def _healthy(state: dict[str, Any] | None) -> bool:
     if not state or set(state.get("processes", {})) != set(COMPONENTS):
         return False
-    if not all(_alive(p) for p in state["processes"].values()):
+    if not all(alive(p) for p in state["processes"].values()):
         return False
-    return _https_ok(f"https://127.0.0.1:{state['ports']['apiserver']}/readyz")
+    host = state.get("host", "127.0.0.1")
+    return _https_ok(f"https://{host}:{state['ports']['apiserver']}/readyz")
 
 
-def _component_args(bins: Path, ports: dict[str, int]) -> dict[str, list[str]]:
+def _component_args(bins: Path, ports: dict[str, int], host: str) -> dict[str, list[str]]:
     kubeconfigs = STATE_DIR / "kubeconfigs"
     etcd_url = f"http://127.0.0.1:{ports['etcd']}"
     peer_url = f"http://127.0.0.1:{ports['etcd_peer']}"
@@ -326,9 +335,13 @@ def _component_args(bins: Path, ports: dict[str, int]) -> dict[str, list[str]]:
         ],
         "kube-apiserver": [
             str(bins / "kube-apiserver"), f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
+            f"--bind-address={host}", f"--advertise-address={host}", f"--secure-port={ports['apiserver']}",
             f"--tls-cert-file={PKI / 'apiserver.crt'}", f"--tls-private-key-file={PKI / 'apiserver.key'}",
             f"--client-ca-file={PKI / 'ca.crt'}",
+            # To kubelets (the real node): by address, as a client they trust. Node names do not resolve here.
+            f"--kubelet-client-certificate={PKI / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={PKI / 'apiserver-kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={PKI / 'sa.pub'}", f"--service-account-signing-key-file={PKI / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=Node,RBAC",
@@ -385,9 +398,16 @@ def _storage_class() -> dict[str, Any]:
             "reclaimPolicy": "Retain"}
 
 
+def _fresh_volume_dir(path: Path) -> None:
+    # World-writable, as hostPath provisioners make them (local-path-provisioner does the same): the kubelet applies
+    # no fsGroup to hostPath volumes, and the pods run as uid 10001, never root.
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o777)
+
+
 def _volume(index: int) -> dict[str, Any]:
     path = VOLUMES / f"pv-{index}"
-    path.mkdir(parents=True, exist_ok=True)
+    _fresh_volume_dir(path)
     return {"apiVersion": "v1", "kind": "PersistentVolume",
             "metadata": {"name": f"pv-{index}", "labels": {POOL_LABEL: STORAGE_CLASS}},
             "spec": {"capacity": {"storage": PV_CAPACITY}, "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
@@ -404,7 +424,7 @@ def refill_volume_pool(cluster: Cluster) -> None:
         if pv["status"].get("phase") == "Released":
             path = Path(pv["spec"]["hostPath"]["path"])
             shutil.rmtree(path, ignore_errors=True)
-            path.mkdir(parents=True, exist_ok=True)
+            _fresh_volume_dir(path)
             cluster.kubectl("patch", "pv", pv["metadata"]["name"], "--type=json",
                             "-p", '[{"op": "remove", "path": "/spec/claimRef"}]')
     available = sum(1 for pv in pvs if not pv["spec"].get("claimRef") or pv["status"].get("phase") == "Released")
@@ -432,46 +452,70 @@ def _flock(path: Path, mode: int) -> Iterator[int]:
         os.close(fd)
 
 
-def cluster_up() -> Cluster:
+def cluster_up(real_node: bool = False) -> Cluster:
     """Starts the control plane (building it first if needed) unless it already runs; returns when /readyz is ok and
-    every node is Ready."""
+    every node is Ready. `real_node` adds the real node (devkit.realnode: containerd + kubelet) beside kwok's."""
     with _flock(STATE_LOCK, fcntl.LOCK_EX):
-        return _up_locked()
+        return _up_locked(real_node)
 
 
-def _up_locked() -> Cluster:
-    state = _read_state()
-    if _healthy(state):
-        _log(f"already running ({KUBECONFIG})")
+def _up_locked(real_node: bool = False) -> Cluster:
+    from devkit import realnode  # it builds on this module
+
+    state = read_state()
+    if _healthy(state) and (not real_node or realnode.healthy(state)):
+        log(f"already running ({KUBECONFIG})")
         return Cluster(KUBECONFIG)
+    if real_node:
+        realnode.check_host()  # before anything stops or starts: say what this machine lacks
+    if _healthy(state) and real_node:
+        assert state
+        if not state.get("real_node"):
+            raise ClusterError("the running control plane was started without the real node (its API server does "
+                               f"not listen on {NODE_IP}): stop it first (`make cluster-down`; other sessions may "
+                               "use it)")
+        log("the control plane runs but its real node does not: restarting the node")
+        realnode.stop(state)
+        write_state(state)
+        cluster = Cluster(KUBECONFIG)
+        realnode.start(state, cluster)
+        return cluster
     if state:
-        _log("a previous cluster is partly running or broken: stopping it first")
+        log("a previous cluster is partly running or broken: stopping it first")
         _down_locked()
     bins = build()
     try:
-        return _start(bins)
+        return _start(bins, real_node)
     except BaseException:
-        _log("start failed: stopping what was started")
+        log("start failed: stopping what was started")
         _down_locked()
         raise
 
 
-def _start(bins: Path) -> Cluster:
+def _start(bins: Path, real_node: bool) -> Cluster:
     started = time.monotonic()
     LOGS.mkdir(exist_ok=True)
     _ensure_pki()
     shutil.rmtree(STATE_DIR / "etcd", ignore_errors=True)
-    ports = {name: _free_port() for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler",
-                                             "kwok")}
-    server = f"https://127.0.0.1:{ports['apiserver']}"
+    ports = {name: free_port() for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler",
+                                            "kwok")}
+    # With a real node the API server listens on the pod bridge's host address instead of loopback: pods (the
+    # operator) reach it there, and so does everything on this machine.
+    from devkit import realnode  # it builds on this module
+
+    host = "127.0.0.1"
+    if real_node:
+        realnode.ensure_bridge()
+        host = NODE_IP
+    server = f"https://{host}:{ports['apiserver']}"
     kubeconfigs = STATE_DIR / "kubeconfigs"
     kubeconfigs.mkdir(exist_ok=True)
     for client in CLIENTS:
         if client != "admin":
             (kubeconfigs / client).write_text(_kubeconfig(client, server))
-    state = {"ports": ports, "processes": {}, "bin_dir": str(bins)}
-    _write_state(state)
-    args = _component_args(bins, ports)
+    state = {"ports": ports, "processes": {}, "bin_dir": str(bins), "host": host, "real_node": real_node}
+    write_state(state)
+    args = _component_args(bins, ports, host)
 
     _spawn("etcd", args["etcd"], state)
     _wait("etcd health", lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health"), state, "etcd")
@@ -495,7 +539,9 @@ def _start(bins: Path) -> Cluster:
     # Pods are refused in a namespace until its default ServiceAccount exists.
     _wait("the default ServiceAccount", lambda: cluster.kubectl("get", "sa", "default", check=False).returncode == 0,
           state, "kube-controller-manager")
-    _log(f"control plane ready in {time.monotonic() - started:.1f}s; KUBECONFIG={KUBECONFIG}")
+    log(f"control plane ready in {time.monotonic() - started:.1f}s; KUBECONFIG={KUBECONFIG}")
+    if real_node:
+        realnode.start(state, cluster)
     return cluster
 
 
@@ -507,24 +553,29 @@ def cluster_down() -> None:
 
 
 def _down_locked() -> None:
-    state = _read_state() or {"processes": {}}
+    state = read_state() or {"processes": {}}
+    if state.get("real_node"):
+        from devkit import realnode
+
+        realnode.stop(state)  # through the API server first: the kubelet deletes its pods' networks and mounts
+        write_state(state)
     KUBECONFIG.unlink(missing_ok=True)
     for name in reversed(COMPONENTS):
         proc = state["processes"].get(name)
-        if not proc or not _alive(proc):
+        if not proc or not alive(proc):
             continue
         pid = int(proc["pid"])
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while _alive(proc) and time.monotonic() < deadline:
+        while alive(proc) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(proc):
-            _log(f"{name} (pid {pid}) ignored SIGTERM: killing it")
+        if alive(proc):
+            log(f"{name} (pid {pid}) ignored SIGTERM: killing it")
             os.kill(pid, signal.SIGKILL)
-            while _alive(proc):
+            while alive(proc):
                 time.sleep(0.05)
-        _log(f"stopped {name} (pid {pid})")
-    left = [n for n, p in state["processes"].items() if _alive(p)]
+        log(f"stopped {name} (pid {pid})")
+    left = [n for n, p in state["processes"].items() if alive(p)]
     if left:
         raise ClusterError(f"still running after shutdown: {left}")
     for path in (STATE_DIR / "etcd", VOLUMES, STATE_DIR / "kubeconfigs"):
@@ -540,46 +591,52 @@ def _usable(kubeconfig: Path) -> bool:
     return probe.returncode == 0
 
 
-def ensure_cluster() -> Cluster:
-    """The cluster at $KUBECONFIG (when set and healthy) or `.cluster/kubeconfig`, else a freshly started one."""
+def ensure_cluster(real_node: bool = False) -> Cluster:
+    """The cluster at $KUBECONFIG (when set and healthy) or `.cluster/kubeconfig`, else a freshly started one.
+    `real_node`: the one here, with its real node (started if the control plane is not running)."""
+    from devkit import realnode
+
     env_config = os.environ.get("KUBECONFIG")
-    if env_config and Path(env_config).resolve() != KUBECONFIG.resolve() and _usable(Path(env_config)):
+    if (not real_node and env_config and Path(env_config).resolve() != KUBECONFIG.resolve()
+            and _usable(Path(env_config))):
         return Cluster(Path(env_config))
     with _flock(STATE_LOCK, fcntl.LOCK_EX):
-        if _healthy(_read_state()) and _usable(KUBECONFIG):
+        state = read_state()
+        if _healthy(state) and (not real_node or realnode.healthy(state)) and _usable(KUBECONFIG):
             cluster = Cluster(KUBECONFIG)
             refill_volume_pool(cluster)
             return cluster
-        return _up_locked()
+        return _up_locked(real_node)
 
 
 @contextlib.contextmanager
-def using_cluster() -> Iterator[Cluster]:
+def using_cluster(real_node: bool = False) -> Iterator[Cluster]:
     """`ensure_cluster()` for the length of a session (a test run, the demo). A cluster that a session started (not
     `make cluster-up`) is stopped when the last session using it ends."""
     with _flock(USERS_LOCK, fcntl.LOCK_SH) as users:
-        cluster = ensure_cluster()
+        cluster = ensure_cluster(real_node)
         if cluster.started_here:
             with _flock(STATE_LOCK, fcntl.LOCK_EX):
-                state = _read_state()
+                state = read_state()
                 if state:
-                    _write_state(state | {"started_by_session": True})
+                    write_state(state | {"started_by_session": True})
         yield cluster
         try:
             fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return  # another session still uses it; the last one out stops it
         with _flock(STATE_LOCK, fcntl.LOCK_EX):
-            if (_read_state() or {}).get("started_by_session"):
+            if (read_state() or {}).get("started_by_session"):
                 _down_locked()
 
 
 def status() -> dict[str, Any]:
-    state = _read_state()
+    state = read_state()
     if not state:
         return {"running": False}
-    procs = {name: {"pid": p["pid"], "alive": _alive(p), "rss_mib": _rss_mib(int(p["pid"])) if _alive(p) else None}
-             for name, p in state["processes"].items()}
+    recorded = state["processes"] | (state.get("node") or {}).get("processes", {})
+    procs = {name: {"pid": p["pid"], "alive": alive(p), "rss_mib": _rss_mib(int(p["pid"])) if alive(p) else None}
+             for name, p in recorded.items()}
     return {"running": _healthy(state), "kubeconfig": str(KUBECONFIG), "ports": state["ports"], "processes": procs,
             "rss_mib_total": round(sum(p["rss_mib"] or 0 for p in procs.values()), 1)}
 
@@ -597,10 +654,13 @@ def _rss_mib(pid: int) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devkit.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "status", "build"])
-    command = parser.parse_args(argv).command
+    parser.add_argument("--real-node", action="store_true",
+                        help="up: also start the real node (containerd + kubelet, docs/local-cluster.md)")
+    args = parser.parse_args(argv)
+    command = args.command
     try:
         if command == "up":
-            cluster_up()
+            cluster_up(real_node=args.real_node)
             print(f"export KUBECONFIG={KUBECONFIG}")
         elif command == "down":
             cluster_down()

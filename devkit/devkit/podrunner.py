@@ -23,13 +23,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 from devkit.cluster import Cluster, ClusterError
+from devkit.waiting import wait_until
 
 EXIT_CODE_ANNOTATION = "podrunner.llmmultichat.io/exit-code"
 MESSAGE_ANNOTATION = "podrunner.llmmultichat.io/message"
@@ -83,18 +83,6 @@ class _Prepared:
     sandbox: Path
     termination_file: Path
     fallback_to_logs: bool
-
-
-def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    """Polls `probe` until it returns something truthy, and returns that; PodRunError names `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise PodRunError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def _get_pod(cluster: Cluster, namespace: str, pod_name: str) -> dict[str, Any]:
