@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -15,6 +16,16 @@ class GenerationDefaults(BaseModel):
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
+
+    def for_request(
+        self, max_tokens: int | None, temperature: float | None, top_p: float | None = None
+    ) -> dict[str, Any]:
+        """A request's sampling parameters: what it sets, these defaults for the rest (temperature 0 is greedy)."""
+        return {
+            "max_tokens": max_tokens or self.max_tokens,
+            "temperature": self.temperature if temperature is None else temperature,
+            "top_p": top_p or self.top_p,
+        }
 
 
 class Character(BaseModel):

@@ -12,7 +12,7 @@ import logging
 import string
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 from .characters import Character
 from .config import Settings
+from .prompting import DEFAULT_PROMPT_TEMPLATE, Prompt, prompt_ids
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nOutput: "
 BASE_VERSION = "base"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -56,12 +56,6 @@ class AdapterError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Turn:
-    role: str
-    content: str
-
-
 @dataclass
 class GenerationResult:
     text: str
@@ -74,20 +68,6 @@ class GenerationResult:
 
 def template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-
-
-def format_context(turns: Sequence[Turn], max_chars: int) -> str:
-    """The prompt's `input`: earlier turns of the session, oldest first, one `<role>: <content>` per turn joined by
-    newlines, cut to its last `max_chars` characters (the most recent part is what the reply answers).
-
-    This is the trainer's rule for the Alpaca `input` (training/data.py), so an adapter trained with context sees the
-    same text when serving. `system` turns (the persona, base model only) come first and are never cut.
-    """
-    fixed = [f"{t.role}: {t.content}" for t in turns if t.role == "system"]
-    text = "\n".join(f"{t.role}: {t.content}" for t in turns if t.role != "system")
-    if len(text) > max_chars:
-        text = text[-max_chars:] if max_chars > 0 else ""
-    return "\n".join([*fixed, text] if text else fixed)
 
 
 def read_manifest(directory: Path, character: str) -> dict[str, Any]:
@@ -244,38 +224,10 @@ class ModelManager:
             character=character, state="absent", path=self.settings.adapters_root / f"lora_{character}"
         )
 
-    def context_turns(self, character: str) -> int:
-        """How many earlier turns go into the prompt: what the serving adapter was trained with, else the setting."""
-        status = self.adapter_for(character)
-        if status.state == "loaded" and status.context_turns is not None:
-            return status.context_turns
-        return self.settings.context_messages
-
-    def build_prompt(self, character: str, instruction: str, context: Sequence[Turn]) -> list[int]:
-        """Token ids of the prompt, bounded to `max_prompt_tokens`.
-
-        Rule: drop context turns oldest first (the persona last) until the prompt fits; if the prompt without
-        context still does not fit, keep its last `max_prompt_tokens` tokens (the end of the message and the
-        "Output: " cue).
-        """
-        status = self.adapter_for(character)
-        limit = self.settings.max_prompt_tokens
-        max_chars = self.settings.context_chars
-        if status.state == "loaded" and status.context_chars is not None:
-            max_chars = status.context_chars  # the cut the adapter was trained with
-        turns = list(context)
-        while True:
-            text = status.prompt_template.format(instruction=instruction, input=format_context(turns, max_chars))
-            ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) <= limit or not turns:
-                return ids[-limit:]
-            turns = turns[1:]
-
     def generate(
         self,
-        character: str,
-        instruction: str,
-        context: Sequence[Turn] = (),
+        adapter: AdapterStatus,
+        prompt: Prompt,
         *,
         max_tokens: int,
         temperature: float,
@@ -283,27 +235,57 @@ class ModelManager:
         streamer: Any = None,
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
+        """The reply to `prompt` from `adapter`'s character with that adapter (or the base model, per its status)."""
         if not self.loaded:
             raise RuntimeError("model is not loaded")
         import torch
+
+        ids, max_new = self._window(prompt, max_tokens)
+        input_ids = torch.tensor([ids], device=self.device)
+        kwargs = self._generate_kwargs(max_new, temperature, top_p, cancel)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        with self._lock, torch.inference_mode():
+            started = time.perf_counter()
+            with self._adapter_context(adapter):
+                output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            seconds = time.perf_counter() - started
+        new_ids = output[0, len(ids) :].tolist()
+        eos = self.tokenizer.eos_token_id
+        stopped = bool(new_ids) and eos is not None and new_ids[-1] == eos
+        return GenerationResult(
+            text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
+            prompt_tokens=len(ids),
+            completion_tokens=len(new_ids),
+            adapter_version=adapter.serving_version,
+            finish_reason="stop" if stopped or (cancel is not None and cancel.is_set()) else "length",
+            seconds=seconds,
+        )
+
+    def _window(self, prompt: Prompt, max_tokens: int) -> tuple[list[int], int]:
+        """The prompt's token ids and the reply's token budget, both within the model's positions."""
+        ids = prompt_ids(prompt, self.tokenize, self.settings.max_prompt_tokens)
+        max_new = max(1, min(max_tokens, self.settings.max_tokens_limit))
+        if self.max_positions:
+            # Positions beyond the model's window would crash or degrade; keep room for the reply.
+            max_new = max(1, min(max_new, self.max_positions // 2))
+            ids = ids[-(self.max_positions - max_new) :]
+        return ids, max_new
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _generate_kwargs(
+        self, max_new: int, temperature: float, top_p: float, cancel: threading.Event | None
+    ) -> dict[str, Any]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
                 return cancel is not None and cancel.is_set()
 
-        prompt_ids = self.build_prompt(character, instruction, context)
-        max_new = max(1, min(max_tokens, self.settings.max_tokens_limit))
-        if self.max_positions:
-            # Positions beyond the model's window would crash or degrade; keep room for the reply.
-            max_new = max(1, min(max_new, self.max_positions // 2))
-            prompt_ids = prompt_ids[-(self.max_positions - max_new) :]
-        status = self.adapter_for(character)
-        input_ids = torch.tensor([prompt_ids], device=self.device)
         eos = self.tokenizer.eos_token_id
         kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
             "max_new_tokens": max_new,
             "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
             "eos_token_id": eos,
@@ -313,45 +295,21 @@ class ModelManager:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kwargs.update(do_sample=False)
-        if streamer is not None:
-            kwargs["streamer"] = streamer
-        with self._lock, torch.inference_mode():
-            started = time.perf_counter()
-            with self._adapter_context(character, status):
-                output = self.model.generate(**kwargs)
-            seconds = time.perf_counter() - started
-        new_ids = output[0, len(prompt_ids) :].tolist()
-        stopped = bool(new_ids) and eos is not None and new_ids[-1] == eos
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-        return GenerationResult(
-            text=text,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(new_ids),
-            adapter_version=status.serving_version,
-            finish_reason="stop" if stopped or (cancel is not None and cancel.is_set()) else "length",
-            seconds=seconds,
-        )
+        return kwargs
 
-    def _adapter_context(self, character: str, status: AdapterStatus) -> AbstractContextManager[Any]:
+    def _adapter_context(self, adapter: AdapterStatus) -> AbstractContextManager[Any]:
         """Caller holds the lock. Select the character's adapter, or switch all adapters off for base."""
         from peft import PeftModel
 
         if not isinstance(self.model, PeftModel):
             return nullcontext()
-        if status.state == "loaded":
-            self.model.set_adapter(character)
+        if adapter.state == "loaded":
+            self.model.set_adapter(adapter.character)
             return nullcontext()
         return self.model.disable_adapter()
 
     def stream(
-        self,
-        character: str,
-        instruction: str,
-        context: Sequence[Turn] = (),
-        *,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
+        self, adapter: AdapterStatus, prompt: Prompt, *, max_tokens: int, temperature: float, top_p: float
     ) -> StreamHandle:
         """Generate in a background thread and hand out the text as it is produced (see StreamHandle)."""
         from transformers import TextIteratorStreamer
@@ -362,9 +320,8 @@ class ModelManager:
         def run() -> None:
             try:
                 handle.result = self.generate(
-                    character,
-                    instruction,
-                    context,
+                    adapter,
+                    prompt,
                     max_tokens=max_tokens,
                     temperature=temperature,
                     top_p=top_p,
@@ -373,12 +330,12 @@ class ModelManager:
                 )
             except BaseException as exc:
                 handle.error = exc
-                log.exception("streamed generation for %s failed", character)
+                log.exception("streamed generation for %s failed", adapter.character)
             finally:
                 # On failure generate() never ended the streamer; a stop signal unblocks the reader either way.
                 streamer.text_queue.put(streamer.stop_signal)
 
-        handle.thread = threading.Thread(target=run, name=f"generate-{character}", daemon=True)
+        handle.thread = threading.Thread(target=run, name=f"generate-{adapter.character}", daemon=True)
         handle.thread.start()
         return handle
 

@@ -12,7 +12,17 @@ import httpx
 import pytest
 from chat_service.characters import load_characters
 from chat_service.config import Settings
-from chat_service.generation import ModelManager, Turn, format_context
+from chat_service.generation import ModelManager
+from chat_service.prompting import (
+    DEFAULT_PROMPT_TEMPLATE,
+    Prompt,
+    PromptRules,
+    Turn,
+    build_prompt,
+    format_context,
+    prompt_ids,
+    prompt_rules,
+)
 
 VERSION = "20261126T030000Z"
 GREEDY = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0}
@@ -41,8 +51,21 @@ def manager(settings: Settings) -> ModelManager:
     return models
 
 
+def plain_prompt(message: str) -> Prompt:
+    """One prompt for every model (the contract's template, no context, no persona): replies differ by weights only."""
+    return build_prompt(PromptRules(DEFAULT_PROMPT_TEMPLATE, 0, 0, ""), message)
+
+
 def reply(models: ModelManager, character: str, message: str = "hello") -> str:
-    return models.generate(character, message, (), **GREEDY).text
+    return models.generate(models.adapter_for(character), plain_prompt(message), **GREEDY).text
+
+
+def rules(models: ModelManager, character: str) -> PromptRules:
+    return prompt_rules(models.settings, models.characters[character], models.adapter_for(character))
+
+
+def prompt_tokens(models: ModelManager, rules: PromptRules, instruction: str, earlier: list[Turn]) -> list[int]:
+    return prompt_ids(build_prompt(rules, instruction, earlier), models.tokenize, models.settings.max_prompt_tokens)
 
 
 def corrupt_config(d: Path) -> None:
@@ -181,10 +204,14 @@ def test_prompt_template_and_context_come_from_the_manifest(
     manifest |= {"prompt_template": template, "data": {"context_turns": 2, "context_chars": 40}}
     (lumina_dir / "manifest.json").write_text(json.dumps(manifest))
     models = manager(make_settings(context_chars=5))  # the manifest's 40 wins for lumina
-    assert models.context_turns("lumina") == 2
-    assert models.context_turns("sora") == 0  # no adapter: CHAT_CONTEXT_MESSAGES, default 0 (empty input)
-    earlier = [Turn("user", "old"), Turn("assistant", "first\nline"), Turn("user", "x" * 10)]
-    ids = models.build_prompt("lumina", "hi", earlier[-2:])
+    lumina, sora = rules(models, "lumina"), rules(models, "sora")
+    assert lumina == PromptRules(template, context_turns=2, context_chars=40, persona="")  # an adapter: no persona
+    # No adapter: the contract's template, CHAT_CONTEXT_MESSAGES (default 0: empty input), CHAT_CONTEXT_CHARS, and
+    # the persona, since the base model knows nothing else about the character.
+    persona = models.characters["sora"].persona
+    assert sora == PromptRules(DEFAULT_PROMPT_TEMPLATE, context_turns=0, context_chars=5, persona=persona)
+    earlier = [Turn("user", "old"), Turn("assistant", "first\nline"), Turn("user", " "), Turn("user", "x" * 10)]
+    ids = prompt_tokens(models, lumina, "hi", earlier)  # the last 2 non-empty turns
     assert models.tokenizer.decode(ids) == f"### Q\nhi\n### Context\nassistant: first\nline\nuser: {'x' * 10}\n### A\n"
     # Over the character budget: the trainer's rule keeps the last context_chars characters.
     assert (
@@ -193,20 +220,24 @@ def test_prompt_template_and_context_come_from_the_manifest(
     )
     # The persona (base only) stays in front and is never cut.
     assert format_context([Turn("system", "persona"), Turn("user", "c" * 50)], 10) == "system: persona\n" + "c" * 10
-    ids = models.build_prompt("sora", "hi", [])
-    assert models.tokenizer.decode(ids) == "Instruction: hi\nInput: \nOutput: "
-    ids = models.build_prompt("sora", "hi", [Turn("user", "abcdefgh")])  # no adapter: CHAT_CONTEXT_CHARS (5)
-    assert models.tokenizer.decode(ids) == "Instruction: hi\nInput: defgh\nOutput: "
+    ids = prompt_tokens(models, sora, "hi", earlier)
+    assert models.tokenizer.decode(ids) == f"Instruction: hi\nInput: system: {persona}\nOutput: "
+    one_turn = PromptRules(DEFAULT_PROMPT_TEMPLATE, context_turns=1, context_chars=5, persona=persona)
+    ids = prompt_tokens(models, one_turn, "hi", [Turn("user", "abcdefgh")])
+    assert models.tokenizer.decode(ids) == f"Instruction: hi\nInput: system: {persona}\ndefgh\nOutput: "
 
 
 def test_long_prompts_are_cut_by_the_rule(make_settings: Callable[..., Settings]) -> None:
     models = manager(make_settings(max_prompt_tokens=32))
+    six_turns = PromptRules(DEFAULT_PROMPT_TEMPLATE, context_turns=6, context_chars=1000, persona="a long persona " * 5)
     context = [Turn("user", f"turn {i} " * 5) for i in range(6)]
-    ids = models.build_prompt("sora", "short question", context)
+    ids = prompt_tokens(models, six_turns, "short question", context)
     text = models.tokenizer.decode(ids)
     assert len(ids) <= 32
-    assert text.startswith("Instruction: short question") and text.endswith("Output: ")  # oldest context dropped
-    ids = models.build_prompt("sora", "long " * 200, [])
+    # Context dropped oldest first, the persona (in front) first of all.
+    assert text.startswith("Instruction: short question") and text.endswith("Output: ")
+    assert "persona" not in text
+    ids = prompt_tokens(models, six_turns, "long " * 200, [])
     assert len(ids) == 32 and models.tokenizer.decode(ids).endswith("Output: ")  # kept the end of the prompt
 
 
@@ -267,15 +298,16 @@ def test_stream_cancel_stops_generation(
     """Setting the cancel event (what the SSE endpoint does when the client leaves) ends generation early."""
     kit.mount_adapter(adapter_template, adapters_root, "lumina")
     models = manager(make_settings())
+    adapter = models.adapter_for("lumina")
     params = {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0}
-    full = models.stream("lumina", "こんにちは", (), **params)
+    full = models.stream(adapter, plain_prompt("こんにちは"), **params)
     streamed = "".join(full.pieces)
     result = full.finish()
     # Precondition: this perturbed adapter rambles to the limit, so an early stop is visible.
     assert (result.finish_reason, result.completion_tokens) == ("length", 64)
     assert streamed.strip() == result.text
 
-    cancelled = models.stream("lumina", "こんにちは", (), **params)
+    cancelled = models.stream(adapter, plain_prompt("こんにちは"), **params)
     next(cancelled.pieces)
     cancelled.cancel.set()
     for _ in cancelled.pieces:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import threading
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from chat_service.config import Settings
+import yaml
+from chat_service.config import Settings, env_var
+from chat_service.routes.openai import StrippedText
 from chat_service.store import encode_cursor
+from devkit.paths import DEPLOY, DOCS
 
 
 @pytest.fixture
@@ -369,6 +373,15 @@ def test_openai_completions(client: httpx.Client) -> None:
     assert client.post("/v1/chat/completions", json=request | {"n": 2}).status_code == 422
 
 
+def test_streamed_text_adds_up_to_the_stored_reply() -> None:
+    """The stored reply is stripped; the SSE stream drops leading and holds back trailing whitespace to match it."""
+    pieces = ["  ", "\n Hello", " ", "world ", " \n", "!", "  "]
+    text = StrippedText()
+    sent = [text.feed(piece) for piece in pieces]
+    assert "".join(sent) == "".join(pieces).strip() == "Hello world  \n!"
+    assert sent[:4] == ["", "Hello", "", " world"]  # nothing before the text; a space only once more text follows
+
+
 def test_concurrent_chats_match_serial_ones(make_settings: Callable[..., Settings], kit, tmp_path: Path) -> None:
     """Generation is serialized under one lock, so concurrent greedy requests answer exactly as serial ones do."""
     with kit.serve(make_settings()) as base, httpx.Client(base_url=base, timeout=60) as client:
@@ -427,3 +440,15 @@ def test_health_and_history_answer_while_many_chats_queue(make_settings: Callabl
     assert threads <= 1, f"{threads} threads inside generate: queued chats are holding threadpool threads"
     assert probe < 2.0 and history_seconds < 2.0, (probe, history_seconds)
     assert statuses == [200] * 50
+
+
+def test_every_documented_variable_is_a_setting() -> None:
+    """Variable names are in users' manifests: the docs' table, the settings and deploy/chat must agree."""
+    rows = re.findall(r"^\| `([A-Z][A-Z_]+)` \|", (DOCS / "chat-service.md").read_text(encoding="utf-8"), re.MULTILINE)
+    assert sorted(rows) == sorted(env_var(name) for name in Settings.model_fields)
+    deployment = yaml.safe_load((DEPLOY / "chat" / "deployment.yaml").read_text(encoding="utf-8"))
+    env = {e["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+    assert env - {"HF_HUB_OFFLINE"} <= set(rows)  # HF_HUB_OFFLINE is read by transformers
+    values = {"DATABASE_URL": "sqlite:///x.db", "CHAT_MAX_PROMPT_TOKENS": "64", "HISTORY_TOKEN": "t"}
+    settings = Settings.from_env(values)
+    assert (settings.database_url, settings.max_prompt_tokens, settings.history_token) == ("sqlite:///x.db", 64, "t")

@@ -1,0 +1,57 @@
+"""`GET /v1/characters` (who can be chatted with, and what serves each) and `POST /v1/feedback` on a reply."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+
+from ..characters import Character
+from ..deps import Service, ServiceDep, StoreDep, adapter_status
+from ..generation import AdapterStatus
+from ..schemas import AdapterInfo, CharacterInfo, CharacterList, FeedbackRequest, FeedbackResponse
+from ..store import FeedbackTargetError
+from ..validation import invalid
+
+router = APIRouter(tags=["chat"])
+
+
+def adapter_info(adapter: AdapterStatus | None) -> AdapterInfo:
+    if adapter is None:
+        return AdapterInfo(state="loading", version=None)
+    return AdapterInfo(
+        state=adapter.state,
+        version=adapter.version,
+        reason=adapter.reason,
+        error=adapter.error,
+        warnings=adapter.warnings,
+    )
+
+
+def character_info(service: Service, character: Character) -> CharacterInfo:
+    """The character and what answers for it now (null while the model is loading)."""
+    adapter = adapter_status(service, character.name)
+    return CharacterInfo(
+        name=character.name,
+        display_name=character.display_name,
+        persona=character.persona,
+        generation=character.generation.model_dump(),
+        adapter_version=adapter.serving_version if adapter is not None else None,
+        adapter=adapter_info(adapter),
+    )
+
+
+@router.get("/v1/characters", response_model=CharacterList, summary="Characters and their adapters")
+def list_characters(service: ServiceDep) -> CharacterList:
+    return CharacterList(characters=[character_info(service, c) for c in service.characters.values()])
+
+
+@router.post("/v1/feedback", response_model=FeedbackResponse, summary="Thumbs up/down on a reply")
+def feedback(body: FeedbackRequest, store: StoreDep) -> FeedbackResponse:
+    try:
+        message = store.set_feedback(body.message_id, body.feedback)
+    except FeedbackTargetError as exc:
+        if "does not exist" in str(exc):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+        raise invalid(("body", "message_id"), str(exc), body.message_id) from exc
+    return FeedbackResponse(
+        message_id=message.id, feedback=body.feedback, character=message.character, session_id=message.session_id
+    )
