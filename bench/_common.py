@@ -17,8 +17,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from devkit.paths import REPO_ROOT as REPO
-
 
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (``q`` in [0, 100]); NaN for no values."""

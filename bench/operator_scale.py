@@ -1,7 +1,7 @@
 """Operator scale and latency on the real local control plane: N = 10, 100, 500 CharacterFineTunes.
 
-    .venv/bin/python bench/operator_scale.py                  # N = 10, 100, 500 (~12 min on 2 shared cores)
-    .venv/bin/python bench/operator_scale.py --sizes 10 --samples 5
+    .venv/bin/python -m bench.operator_scale                 # N = 10, 100, 500 (~12 min on 2 shared cores)
+    .venv/bin/python -m bench.operator_scale --sizes 10 --samples 5
 
 For each N, in a fresh namespace (the operator test harness's: chat Deployment, adapter PVC, token Secret, the
 operator running as its ServiceAccount bound to the shipped ClusterRole, production timings — resync 60 s,
@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from bench._common import REPO, log, machine, percentile, table, write_json
-from devkit.podrunner import wait_until
+from devkit.harness import wait_until
 
+from bench._common import log, machine, percentile, table, write_json
 
 GROUP, VERSION, PLURAL = "llmmultichat.io", "v1alpha1", "characterfinetunes"
 LABEL_FINETUNE = "llmmultichat.io/finetune"
@@ -175,9 +175,10 @@ def reconcile_errors(metrics_text: str) -> int:
 
 @contextmanager
 def environment(cluster: Any, tmp: Path) -> Iterator[Any]:
-    from devkit import harness
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config
+
+    from devkit import harness
 
     harness.install_crd(cluster)
     env = harness.Env(cluster, tmp)
@@ -201,10 +202,10 @@ def environment(cluster: Any, tmp: Path) -> Iterator[Any]:
 
 
 def run_size(cluster: Any, n: int, samples: int, idle: float, tmp: Path) -> dict[str, Any]:
+    from devkit.harness import trained
     from devkit.podrunner import release_pod, wait_for_pod
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config
-    from devkit.harness import trained
 
     api = k8s_config.new_client_from_config(config_file=str(cluster.kubeconfig))
     custom, batch, apps, core = k8s.CustomObjectsApi(api), k8s.BatchV1Api(api), k8s.AppsV1Api(api), k8s.CoreV1Api(api)

@@ -18,12 +18,8 @@ import os
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,13 +30,20 @@ import yaml
 
 from devkit import conversations
 from devkit.cluster import Cluster, ensure_cluster
+from devkit.harness import (
+    OPERATOR_SA,
+    OperatorProcess,
+    free_port,
+    service_account_kubeconfig,
+    wait_chat_ready,
+    wait_until,
+)
 from devkit.model import ensure_embedded_model
-from devkit.podrunner import LocalPod, pvc_local_path, run_pod, start_pod_process, wait_for_pod, wait_until
-
 from devkit.paths import REPO_ROOT as REPO
+from devkit.paths import SAMPLE_FINETUNE as SAMPLE
+from devkit.podrunner import LocalPod, pvc_local_path, run_pod, start_pod_process, wait_for_pod
+
 NAMESPACE = "llmmultichat"
-SAMPLE = REPO / "deploy" / "samples" / "finetune.yaml"
-OPERATOR_SA = "finetune-operator"
 BASE_MODEL_CLAIM = "llmmultichat-base-model"
 MODEL_DIR = "tinychat"  # where deploy/ expects the model on that volume (sample baseModel, chat BASE_MODEL)
 
@@ -68,12 +71,6 @@ class DemoResult:
 
 def step(message: str) -> None:
     print(f"\n==> {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def kube_json(cluster: Cluster, *args: str) -> dict[str, Any]:
@@ -110,51 +107,14 @@ def set_history_token(cluster: Cluster) -> str:
     return token
 
 
-def operator_kubeconfig(cluster: Cluster, directory: Path) -> Path:
-    """A kubeconfig that authenticates as the operator's ServiceAccount, so the demo runs with its RBAC only."""
-    token = cluster.kubectl("-n", NAMESPACE, "create", "token", OPERATOR_SA, "--duration=2h").stdout.strip()
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
-    cluster_entry = next(c for c in admin["clusters"] if c["name"] == context["cluster"])
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [cluster_entry],
-        "users": [{"name": OPERATOR_SA, "user": {"token": token}}],
-        "contexts": [{"name": OPERATOR_SA, "context": {"cluster": cluster_entry["name"], "user": OPERATOR_SA}}],
-        "current-context": OPERATOR_SA,
-    }
-    path = directory / "operator-kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
-
-
-@contextmanager
-def operator_process(cluster: Cluster, workdir: Path, metrics_port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """The operator Deployment's container, run locally with the Deployment's env and the ServiceAccount's token."""
+def operator_process(cluster: Cluster, workdir: Path) -> OperatorProcess:
+    """The operator Deployment's container, to run locally with the Deployment's env and the ServiceAccount's token
+    (so the demo runs with its RBAC only)."""
     deployment = kube_json(cluster, "-n", NAMESPACE, "get", "deployment", OPERATOR_SA)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    env = {**os.environ, "KUBECONFIG": str(operator_kubeconfig(cluster, workdir))}
-    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
-    env.update({
-        "FINETUNE_NAMESPACES": NAMESPACE,
-        "FINETUNE_METRICS_PORT": str(metrics_port),
-        "FINETUNE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{free_port()}/healthz",
-    })
-    log = (workdir / "operator.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "finetune_operator"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    settings = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    kubeconfig = service_account_kubeconfig(cluster, NAMESPACE, OPERATOR_SA, workdir / "operator-kubeconfig")
+    return OperatorProcess(cluster, NAMESPACE, kubeconfig, workdir / "operator.log", settings=settings)
 
 
 def place_base_model(cluster: Cluster, model: Path) -> None:
@@ -175,16 +135,7 @@ def start_chat(cluster: Cluster, port: int, *, exclude: set[str] = frozenset()) 
     )
     local = start_pod_process(cluster, NAMESPACE, pod_name, args_override=_listen_locally(cluster, pod_name, port))
     url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if local.process.poll() is not None:
-            raise RuntimeError(f"chat service exited with {local.process.returncode}; see {local.stderr_path}")
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until("the chat service to be ready", ready, timeout=180)
+    wait_chat_ready(url, local.process, local.stderr_path, timeout=180)
     return local, pod_name, url
 
 
@@ -291,8 +242,7 @@ def run_demo(cluster: Cluster, workdir: Path, *, sessions: int = 160) -> DemoRes
     place_base_model(cluster, model)
 
     resource_name = yaml.safe_load(SAMPLE.read_text())["metadata"]["name"]
-    operator_metrics_port = free_port()
-    with operator_process(cluster, workdir, operator_metrics_port):
+    with operator_process(cluster, workdir).start(standalone=False) as operator:
         step("Chat service: the chat Deployment's pod as a local process")
         chat, chat_pod, url = start_chat(cluster, free_port())
         try:
@@ -330,7 +280,7 @@ def run_demo(cluster: Cluster, workdir: Path, *, sessions: int = 160) -> DemoRes
             chat_characters = httpx.get(f"{url}/v1/characters", timeout=10).json()["characters"]
         finally:
             chat.stop()
-        operator_metrics = httpx.get(f"http://127.0.0.1:{operator_metrics_port}/metrics", timeout=10).text
+        operator_metrics = operator.metrics()
 
     report = CharacterReport(
         character=character,

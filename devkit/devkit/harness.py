@@ -1,8 +1,9 @@
-"""Test harness for the operator on the real control plane: a namespace with a chat Deployment, the operator as a
-real process (running as a ServiceAccount bound to the shipped ClusterRole, so RBAC is exercised too), and helpers to
-run training Jobs with a chosen trainer result.
+"""The one harness that tests, bench/ and the demo run the project's processes with.
 
-Imported as `devkit.harness` by the operator tests, the demo and bench/.
+- The operator as a real process (`OperatorProcess`), authenticated as a ServiceAccount (`service_account_kubeconfig`)
+  so that its RBAC is exercised too; `Env` is one test's namespace with a chat Deployment and that operator in it.
+- The chat service as a real process (`ChatProcess`, `wait_chat_ready`) and LoRA adapters for it (`make_adapter`).
+- `free_port` and `wait_until` (from the leaf module devkit.waiting, which the cluster and pod runner use too).
 """
 
 from __future__ import annotations
@@ -11,43 +12,33 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any
 
+import httpx
 import yaml
+
 from devkit.cluster import Cluster
+from devkit.paths import CRD, DEPLOY, REPO_ROOT
 from devkit.podrunner import NEVER_READY_ANNOTATION, release_pod, wait_for_pod
+from devkit.waiting import WaitTimeout, free_port, wait_until
 
-from devkit.paths import REPO_ROOT as REPO
-CRD = REPO / "crds" / "characterfinetune.yaml"
-RBAC = REPO / "deploy" / "operator" / "rbac.yaml"
-PEERING = REPO / "deploy" / "operator" / "peering.yaml"
-T = TypeVar("T")
-__all__ = ["NEVER_READY_ANNOTATION", "Env", "OperatorProcess", "install_crd", "trained", "wait_for_pod", "wait_until"]
-
-
-def wait_until(what: str, probe: Callable[[], T | None], timeout: float = 30, interval: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+RBAC = DEPLOY / "operator" / "rbac.yaml"
+PEERING = DEPLOY / "operator" / "peering.yaml"
+OPERATOR_SA = "finetune-operator"
+PROMPT_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nOutput: "  # contract §2
+# The operator's settings in tests: resyncs and rollout polls in seconds, so a test sees them happen.
+TEST_OPERATOR_SETTINGS = {"FINETUNE_RESYNC_SECONDS": "3", "FINETUNE_ROLLOUT_POLL_SECONDS": "0.3",
+                          "FINETUNE_LOG_FORMAT": "plain", "FINETUNE_TRAINER_IMAGE": "llmmultichat/trainer:test"}
+__all__ = ["NEVER_READY_ANNOTATION", "ChatProcess", "Env", "OperatorProcess", "WaitTimeout", "free_port",
+           "install_crd", "make_adapter", "service_account_kubeconfig", "trained", "wait_chat_ready", "wait_for_pod",
+           "wait_until"]
 
 
 def install_crd(cluster: Cluster) -> None:
@@ -67,31 +58,86 @@ def trained(character: str, version: str, adapter: float, *, serving: float | No
     }
 
 
+def log_tail(path: Path, lines: int = 60) -> str:
+    """The last lines of a process's log ("" when there is none yet)."""
+    try:
+        text = path.read_bytes().replace(b"\0", b"").decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited after `timeout` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- the operator ----------------------------------------------------------------------------------------------------
+
+
+def service_account_kubeconfig(cluster: Cluster, namespace: str, service_account: str, path: Path) -> Path:
+    """Writes a kubeconfig to `path` that authenticates as `namespace/service_account` (a fresh 2 h token) against
+    the cluster's current context, so a process run with it has that account's RBAC only."""
+    token = cluster.kubectl("-n", namespace, "create", "token", service_account, "--duration=2h").stdout.strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
+    server = dict(next(c for c in admin["clusters"] if c["name"] == context["cluster"])["cluster"])
+    ca = server.get("certificate-authority")
+    if ca and not os.path.isabs(ca):
+        # Relative to the admin kubeconfig, which this one does not sit beside.
+        server["certificate-authority"] = str(cluster.kubeconfig.parent / ca)
+    config = {"apiVersion": "v1", "kind": "Config",
+              "clusters": [{"name": "local", "cluster": server}],
+              "users": [{"name": service_account, "user": {"token": token}}],
+              "contexts": [{"name": service_account, "context": {"cluster": "local", "user": service_account}}],
+              "current-context": service_account}
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
 class OperatorProcess:
-    """`python -m finetune_operator -n NS` as a child process, with fast test timings."""
+    """`python -m finetune_operator -n NS` as a child process, with `settings` as its FINETUNE_* environment
+    (fast test timings unless told otherwise). A context manager: leaving the `with` block stops it."""
 
     def __init__(self, cluster: Cluster, namespace: str, kubeconfig: Path, log_path: Path,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 settings: Mapping[str, str] = TEST_OPERATOR_SETTINGS) -> None:
         self.cluster, self.namespace, self.kubeconfig, self.log_path = cluster, namespace, kubeconfig, log_path
-        self.extra_env = extra_env or {}
+        self.settings = dict(settings)
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, standalone: bool = True, **extra_env: str) -> OperatorProcess:
-        env = {**self.cluster.env, "KUBECONFIG": str(self.kubeconfig), "FINETUNE_METRICS_PORT": str(self.metrics_port),
-               "FINETUNE_RESYNC_SECONDS": "3", "FINETUNE_ROLLOUT_POLL_SECONDS": "0.3", "FINETUNE_LOG_FORMAT": "plain",
-               "FINETUNE_TRAINER_IMAGE": "llmmultichat/trainer:test", **self.extra_env, **extra_env}
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "finetune_operator", "-n", self.namespace,
-             *(["--standalone"] if standalone else []),
-             "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        )
-        log.close()
-        wait_until("the operator's liveness endpoint", self.healthy, timeout=30, interval=0.2)
+        """Starts it (without peering unless `standalone=False`) and returns once its liveness endpoint answers."""
+        env = {**self.cluster.env, **self.settings, **extra_env, "KUBECONFIG": str(self.kubeconfig),
+               "FINETUNE_METRICS_PORT": str(self.metrics_port)}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "finetune_operator", "-n", self.namespace,
+                 *(["--standalone"] if standalone else []),
+                 "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            )
+        try:
+            wait_until("the operator's liveness endpoint", self.healthy, timeout=30)
+        except BaseException:
+            self.stop()  # not yet in a `with` block or an Env: nothing else would
+            raise
         return self
+
+    def __enter__(self) -> OperatorProcess:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
 
     def healthy(self) -> bool:
         if self.process is None or self.process.poll() is not None:
@@ -103,17 +149,12 @@ class OperatorProcess:
             return False
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
             return r.read().decode()
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            _stop(self.process, timeout=15)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no goodbye, as an OOM kill or a node loss."""
@@ -126,11 +167,7 @@ class OperatorProcess:
         return self.process.wait(timeout)
 
     def log_tail(self, lines: int = 60) -> str:
-        try:
-            text = self.log_path.read_bytes().replace(b"\0", b"").decode(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 class Env:
@@ -161,31 +198,17 @@ class Env:
     # --- setup ---------------------------------------------------------------------------------------------------
 
     def _service_account_kubeconfig(self) -> Path:
-        rbac = list(yaml.safe_load_all(RBAC.read_text()))
-        role = next(d for d in rbac if d["kind"] == "ClusterRole")
+        """The operator's ServiceAccount in this namespace, bound to the shipped ClusterRole; its kubeconfig."""
+        role = next(d for d in yaml.safe_load_all(RBAC.read_text()) if d["kind"] == "ClusterRole")
         self.cluster.kubectl("apply", "-f", "-", input=json.dumps(role))
         binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                    "metadata": {"name": f"finetune-operator-{self.ns}"},
                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                "name": role["metadata"]["name"]},
-                   "subjects": [{"kind": "ServiceAccount", "name": "finetune-operator", "namespace": self.ns}]}
-        self.kubectl("create", "serviceaccount", "finetune-operator")
+                   "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": self.ns}]}
+        self.kubectl("create", "serviceaccount", OPERATOR_SA)
         self.cluster.kubectl("apply", "-f", "-", input=json.dumps(binding))
-        token = self.kubectl("create", "token", "finetune-operator", "--duration=2h").stdout.strip()
-        admin = yaml.safe_load(self.cluster.kubeconfig.read_text())
-        cluster_entry = admin["clusters"][0]
-        config = {"apiVersion": "v1", "kind": "Config",
-                  "clusters": [{"name": "local", "cluster": cluster_entry["cluster"]}],
-                  "users": [{"name": "operator", "user": {"token": token}}],
-                  "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "operator"}}],
-                  "current-context": "operator"}
-        base = self.cluster.kubeconfig.parent
-        ca = config["clusters"][0]["cluster"].get("certificate-authority")
-        if ca and not os.path.isabs(ca):
-            config["clusters"][0]["cluster"]["certificate-authority"] = str(base / ca)
-        path = self.tmp / f"kubeconfig-{self.ns}"
-        path.write_text(yaml.safe_dump(config))
-        return path
+        return service_account_kubeconfig(self.cluster, self.ns, OPERATOR_SA, self.tmp / f"kubeconfig-{self.ns}")
 
     def teardown(self) -> None:
         # Resources go first, while the operator can still run their finalizers; then the namespace.
@@ -231,8 +254,8 @@ class Env:
             return status if predicate(status) else None
         try:
             return wait_until(f"{name}: {what}", probe, timeout=timeout, interval=0.2)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\nstatus: {json.dumps(self.status(name), indent=1)}\n"
+        except WaitTimeout as exc:
+            raise WaitTimeout(f"{exc}\nstatus: {json.dumps(self.status(name), indent=1)}\n"
                                  f"operator log:\n{self.operator.log_tail()}") from None
 
     def deployment(self) -> dict[str, Any]:
@@ -269,3 +292,81 @@ def environment(cluster: Cluster, tmp: Path, **kwargs: Any) -> Iterator[Env]:
         yield env
     finally:
         env.teardown()
+
+
+# --- the chat service ------------------------------------------------------------------------------------------------
+
+
+def wait_chat_ready(url: str, process: subprocess.Popen[bytes], log_path: Path,
+                    timeout: float = 180) -> dict[str, Any]:
+    """Polls the chat service at `url` until `/readyz` answers 200 (model loaded, store open) and returns that body;
+    fails at once, with the end of `log_path`, when `process` exits first."""
+
+    def ready() -> dict[str, Any] | None:
+        if process.poll() is not None:
+            raise RuntimeError(f"chat service exited with {process.returncode}:\n{log_tail(log_path, 30)}")
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=2)
+        except httpx.HTTPError:
+            return None
+        return dict(response.json()) if response.status_code == 200 else None
+
+    return wait_until(f"the chat service at {url} to be ready", ready, timeout=timeout)
+
+
+class ChatProcess:
+    """`python -m chat_service --host 127.0.0.1 --port <free port> ARGS` as a child process, as its pod runs it;
+    output appended to `log_path`. `start()` again after a stop or kill restarts it on the same port."""
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.args, self.env, self.log_path = list(args), dict(env), log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ChatProcess:
+        command = [sys.executable, "-m", "chat_service", "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout: float = 180) -> dict[str, Any]:
+        assert self.process is not None, "start() it first"
+        return wait_chat_ready(self.url, self.process, self.log_path, timeout)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.process is not None:
+            _stop(self.process, timeout)
+
+
+def make_adapter(base_model: Path, root: Path, character: str, version: str, *, untrained: bool = False,
+                 r: int = 4, alpha: int = 64, dropout: float = 0.0, seed: int = 1,
+                 base_name: str | None = None) -> Path:
+    """A real PEFT LoRA adapter on GPT-2's `c_attn`, as mounted for the chat service (contract §2):
+    `<root>/lora_<character>/{adapter_config.json, adapter_model.safetensors, manifest.json}`.
+
+    By default its A and B are random and large, so it visibly changes the model's output. `untrained=True` keeps
+    PEFT's initialisation (B = 0): the output is the base model's token for token and only the adapter's compute
+    is added, which is what a latency benchmark wants."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["c_attn"], fan_in_fan_out=True,
+                        init_lora_weights=untrained, task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model), config)
+    if not untrained:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0.0, 0.5)
+    directory = root / f"lora_{character}"
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    manifest = {"schema_version": 1, "character": character, "version": version,
+                "base_model": base_name or str(base_model), "prompt_template": PROMPT_TEMPLATE,
+                "trainer_version": "devkit", "created_at": "2026-11-26T03:04:05Z",
+                "lora": {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": ["c_attn"]}}
+    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return directory

@@ -11,9 +11,9 @@ import sys
 from typing import Any
 
 import pytest
+from devkit.paths import REPO_ROOT
 
 from bench import _common, operator_scale, train_throughput
-from devkit.paths import REPO_ROOT
 
 
 def test_percentile_interpolates() -> None:

@@ -3,7 +3,6 @@ service itself on a real port."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -21,6 +20,7 @@ import httpx
 import pytest
 from chat_service.app import create_app
 from chat_service.config import Settings
+from devkit.harness import free_port, make_adapter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HISTORY_TOKEN = "test-history-token"
@@ -35,46 +35,6 @@ def base_model_dir() -> Path:
     from devkit.model import ensure_embedded_model
 
     return ensure_embedded_model(progress=False)
-
-
-def make_adapter(
-    base_model: Path, root: Path, character: str, version: str, *, seed: int = 1, base_name: str | None = None
-) -> Path:
-    """A real PEFT LoRA adapter (random, non-zero B, so it changes the output) in the contract's mounted layout:
-    <root>/lora_<character>/{adapter_config.json, adapter_model.safetensors, manifest.json}."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_model)
-    config = LoraConfig(
-        r=4,
-        lora_alpha=64,
-        target_modules=["c_attn"],
-        fan_in_fan_out=True,
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0.0, 0.5)
-    directory = root / f"lora_{character}"
-    directory.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(directory)
-    manifest = {
-        "schema_version": 1,
-        "character": character,
-        "version": version,
-        "base_model": base_name or str(base_model),
-        "prompt_template": "Instruction: {instruction}\nInput: {input}\nOutput: ",
-        "trainer_version": "test",
-        "created_at": "2026-11-26T03:04:05Z",
-    }
-    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    return directory
 
 
 @pytest.fixture(scope="session")
@@ -100,12 +60,6 @@ def mount_adapter(template: Path, root: Path, character: str) -> Path:
 # ---------------------------------------------------------------- PostgreSQL
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _pg_bin() -> Path:
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not candidates:
@@ -127,7 +81,7 @@ def postgres_server() -> Iterator[str]:
         shutil.chown(sockets, "postgres")
         workdir.chmod(0o700)
         prefix = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
 
     def run(*args: str) -> None:
         result = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=120)

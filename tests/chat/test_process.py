@@ -5,40 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from chat_service.config import Settings, parse_args
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start(env: dict[str, str], db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "chat_service", "--host", "127.0.0.1", "--port", str(port), "--db", str(db)]
-    return subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-
-
-def wait_ready(base: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"service exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"service not ready in 120 s:\n{log.read_text()}")
+from devkit.harness import ChatProcess
 
 
 def test_killed_and_restarted_service_keeps_history(base_model_dir: Path, adapters_root: Path, tmp_path: Path) -> None:
@@ -52,12 +24,13 @@ def test_killed_and_restarted_service_keeps_history(base_model_dir: Path, adapte
         "CHAT_TORCH_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    db, log, port = tmp_path / "chat.db", tmp_path / "service.log", free_port()
-    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "service.log"
+    service = ChatProcess(["--db", str(tmp_path / "chat.db")], env, log)
+    base = service.url
     auth = {"Authorization": "Bearer file-token"}
-    process = start(env, db, port, log)
+    process = service.start().process
     try:
-        wait_ready(base, process, log)
+        service.wait_ready(timeout=120)
         acknowledged = []
         for i in range(3):
             response = httpx.post(
@@ -74,9 +47,9 @@ def test_killed_and_restarted_service_keeps_history(base_model_dir: Path, adapte
         process.wait(timeout=30)
     assert len(before["messages"]) == 6
 
-    process = start(env, db, port, log)
+    process = service.start().process  # same port, same database file
     try:
-        wait_ready(base, process, log)
+        service.wait_ready(timeout=120)
         after = httpx.get(f"{base}/v1/history", params={"character": "sora"}, headers=auth).json()
         assert after == before
         assert after["messages"][1]["feedback"] == "down"

@@ -1,16 +1,18 @@
-"""Fixtures of the operator's tests: sample resources for the unit tests (cluster fixtures live in
-test modules marked `cluster`, built on the session `cluster` fixture of tests/conftest.py)."""
+"""Fixtures of the operator's tests: sample resources for the unit tests, and for the modules marked `cluster` a
+namespace with the operator running in it (devkit.harness), built on the session `cluster` fixture of
+tests/conftest.py."""
 
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from finetune_operator.spec import FineTuneSpec
+
+from devkit import harness
 
 SAMPLE_SPEC: dict[str, Any] = {
     "character": "lumina",
@@ -40,11 +42,8 @@ def owner() -> dict[str, Any]:
 # --- cluster fixtures ------------------------------------------------------------------------------------------------
 
 
-
 @pytest.fixture(scope="session")
 def crd_installed(cluster: Any) -> Any:
-    from devkit import harness
-
     harness.install_crd(cluster)
     return cluster
 
@@ -53,8 +52,6 @@ def crd_installed(cluster: Any) -> Any:
 def env(crd_installed: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A namespace with a chat Deployment and the operator running in it (as its ServiceAccount).
     `@pytest.mark.env(progress_deadline=5)` tunes the Deployment."""
-    from devkit import harness
-
     marker = request.node.get_closest_marker("env")
     kwargs = dict(marker.kwargs) if marker else {}
     with harness.environment(crd_installed, tmp_path, **kwargs) as e:

@@ -7,11 +7,9 @@ import json
 import pytest
 import yaml
 from devkit.cluster import Cluster
-
-pytestmark = pytest.mark.cluster
-
 from devkit.paths import DEPLOY as _DEPLOY_ROOT
 
+pytestmark = pytest.mark.cluster
 DEPLOY = _DEPLOY_ROOT / "operator"
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from devkit.harness import Env, trained, wait_until
 from finetune_operator.kube import Kube, cft_path, cronjob_path, deployment_path, jobs_path, pods_path
 from kubernetes import config as k8s_config
-from devkit.harness import Env, trained, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 RUNS = 20

@@ -10,13 +10,14 @@ import json
 import time
 from typing import Any
 
-from devkit import harness
 import pytest
+from devkit.harness import NEVER_READY_ANNOTATION, Env, trained, wait_until
 from devkit.podrunner import pvc_local_path
 from finetune_operator.manifests import build_cronjob
 from finetune_operator.settings import Settings
 from finetune_operator.spec import FineTuneSpec
-from devkit.harness import NEVER_READY_ANNOTATION, Env, trained, wait_until
+
+from devkit import harness
 
 pytestmark = pytest.mark.cluster
 

@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 from devkit.cluster import Cluster
+from devkit.paths import CRD, SAMPLE_FINETUNE
 
 pytestmark = pytest.mark.cluster
-
-from devkit.paths import CRD, SAMPLE_FINETUNE
 NAMESPACE = "op-validation"
 VALID: dict[str, Any] = {
     "apiVersion": "llmmultichat.io/v1alpha1",
