@@ -1,10 +1,11 @@
 """Chat service latency with and without LoRA adapters, and history paging speed, over real HTTP.
 
-    .venv/bin/python bench/chat_latency.py                 # ~2 min on 2 shared cores
-    .venv/bin/python bench/chat_latency.py --quick         # smoke run, numbers mean nothing
+    .venv/bin/python -m bench.chat_latency                  # ~2 min on 2 shared cores
+    .venv/bin/python -m bench.chat_latency --quick          # smoke run, numbers mean nothing
+    .venv/bin/python -m bench.chat_latency --database-url postgresql+psycopg://user@host/empty_db
 
-Two ``python -m chat_service`` processes (as in a pod: own process, SQLite file, ``CHAT_TORCH_THREADS``) on the
-embedded model:
+Two ``python -m chat_service`` processes (as in a pod: own process, SQLite file — or both on the empty database
+``--database-url`` names — ``CHAT_TORCH_THREADS``) on the embedded model:
 
 - ``plain``: no adapter directory at all — the base model without PEFT;
 - ``lora``: four characters with LoRA adapters (r 8 on ``c_attn``, the trainer's config, saved with
@@ -34,8 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,76 +46,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from devkit.harness import ChatProcess, make_adapter
+
 from bench._common import log, machine, percentile, table, write_json
 
 TOKEN = "bench-token"
 ADAPTER_CHARACTERS = ("lumina", "sora", "hikari", "kumo")
 BASE_CHARACTER = "plain"
 HISTORY_CHARACTERS = ("archive-a", "archive-b")  # hold the imported history only: chat requests never touch them
-PROMPT_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nOutput: "  # contract §2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_adapter(base_model: Path, root: Path, character: str, version: str) -> None:
-    """A LoRA adapter as the trainer publishes it, but untrained: its output equals the base model's."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(len(character))
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["c_attn"], task_type="CAUSAL_LM")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model), config)
-    directory = root / f"lora_{character}"
-    model.save_pretrained(directory)
-    manifest = {"schema_version": 1, "character": character, "version": version, "base_model": str(base_model),
-                "prompt_template": PROMPT_TEMPLATE, "trainer_version": "bench",
-                "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["c_attn"]}}
-    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-
-
-class Service:
-    """``python -m chat_service`` on a free port, until ``stop()``."""
-
-    def __init__(self, name: str, workdir: Path, base_model: Path, adapters_root: Path, characters: Path,
-                 threads: int) -> None:
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HISTORY_TOKEN": TOKEN, "CHAT_TORCH_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-        self.log_path = workdir / f"{name}.log"
-        with self.log_path.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "chat_service", "--port", str(self.port), "--db", str(workdir / f"{name}.db"),
-                 "--base-model", str(base_model), "--adapters-root", str(adapters_root),
-                 "--characters-file", str(characters), "--log-level", "warning"],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self, timeout: float = 180) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                response = httpx.get(f"{self.url}/readyz", timeout=2)
-                if response.status_code == 200:
-                    return dict(response.json())
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+def chat_service(name: str, workdir: Path, base_model: Path, adapters_root: Path, characters: Path, threads: int,
+                 database_url: str | None) -> ChatProcess:
+    store = ["--database-url", database_url] if database_url else ["--db", str(workdir / f"{name}.db")]
+    env = {**os.environ, "HISTORY_TOKEN": TOKEN, "CHAT_TORCH_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    return ChatProcess([*store, "--base-model", str(base_model), "--adapters-root", str(adapters_root),
+                        "--characters-file", str(characters), "--log-level", "warning"], env, workdir / f"{name}.log")
 
 
 # -- chat latency -----------------------------------------------------------------------------------------------------
@@ -148,7 +93,7 @@ def run_block(url: str, characters: Sequence[str], prompts: Sequence[str], clien
     return latencies, tokens, wall
 
 
-def chat_latency(services: dict[str, Service], prompts: list[str], rounds: int, per_block: int,
+def chat_latency(services: dict[str, ChatProcess], prompts: list[str], rounds: int, per_block: int,
                  concurrency: Sequence[int], max_tokens: int) -> list[dict[str, Any]]:
     scenarios = {
         "base": (services["plain"].url, [BASE_CHARACTER]),
@@ -193,6 +138,7 @@ def generation_only(work: Path, base_model: Path, characters: Path, prompts: lis
     from chat_service.characters import load_characters
     from chat_service.config import Settings as ChatSettings
     from chat_service.generation import ModelManager
+    from chat_service.prompting import PromptRules, build_prompt
 
     managers = {}
     for name, root in (("plain", work / "plain-adapters"), ("lora", work / "adapters")):
@@ -206,8 +152,10 @@ def generation_only(work: Path, base_model: Path, characters: Path, prompts: lis
     for r in range(rounds):
         for prompt in prompts[r * 8 : r * 8 + 8]:
             for name, (manager, character) in scenarios.items():
+                adapter = managers[manager].adapter_for(character)
+                bare = build_prompt(PromptRules(adapter.prompt_template, 0, 0, ""), prompt)  # no context, no persona
                 started = time.perf_counter()
-                managers[manager].generate(character, prompt, max_tokens=max_tokens, temperature=0, top_p=1.0)
+                managers[manager].generate(adapter, bare, max_tokens=max_tokens, temperature=0, top_p=1.0)
                 times[name].append(time.perf_counter() - started)
     base_p50 = percentile(times["base"], 50)
     return [{"scenario": name, "calls": len(t), "p50_ms": 1000 * percentile(t, 50),
@@ -280,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CHAT_TORCH_THREADS of each service")
     parser.add_argument("--history", default="10000,100000", help="history sizes to page (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="a few requests and 2000 messages: a smoke run")
+    parser.add_argument("--database-url", help="both services' store, an empty database (default: a SQLite file each)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -301,16 +250,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]}), encoding="utf-8")
         (work / "plain-adapters").mkdir()
         for character in ADAPTER_CHARACTERS:
-            make_adapter(base_model, work / "adapters", character, "20261126T030000Z")
+            # The trainer's LoRA shape, untrained: replies stay the base model's, only the adapter's compute is added.
+            make_adapter(base_model, work / "adapters", character, "20261126T030000Z", untrained=True, r=8, alpha=16,
+                         dropout=0.1)
         log("generation only (in-process)")
         generate_rows = generation_only(work, base_model, characters, prompts, args.rounds, args.max_tokens,
                                         args.threads)
-        services = {
-            "plain": Service("plain", work, base_model, work / "plain-adapters", characters, args.threads),
-            "lora": Service("lora", work, base_model, work / "adapters", characters, args.threads),
-        }
+        services = {name: chat_service(name, work, base_model, work / adapters, characters, args.threads,
+                                       args.database_url)
+                    for name, adapters in (("plain", "plain-adapters"), ("lora", "adapters"))}
         try:
-            ready = {name: s.wait_ready() for name, s in services.items()}
+            # One after the other: two services creating their tables at once in one database would race.
+            ready = {name: service.start().wait_ready() for name, service in services.items()}
             serving = {c: v["state"] for c, v in ready["lora"]["characters"].items()}
             log(f"services ready; lora adapters: {serving}")
             log("chat latency")
@@ -323,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for service in services.values():
                 service.stop()
 
-    info = machine() | {"clients": args.clients, "max_tokens": args.max_tokens, "torch_threads": args.threads}
+    info = machine() | {"clients": args.clients, "max_tokens": args.max_tokens, "torch_threads": args.threads,
+                        "store": (args.database_url or "sqlite").split(":")[0]}
     write_json(args.json, {"machine": info, "chat": chat_rows, "generate": generate_rows, "history": history_rows})
     print(f"\n{info}")
     print(table(chat_rows, [

@@ -1,7 +1,7 @@
 """Trainer throughput: the spec's pad-to-512 setup vs the trainer as shipped vs pad-free packed batches.
 
-    .venv/bin/python bench/train_throughput.py                 # CPU, ~4 min on 2 cores
-    .venv/bin/python bench/train_throughput.py --device cuda   # on a GPU: bf16 throughput and MFU as well
+    .venv/bin/python -m bench.train_throughput                 # CPU, ~4 min on 2 cores
+    .venv/bin/python -m bench.train_throughput --device cuda   # on a GPU: bf16 throughput and MFU as well
 
 Every variant trains the same LoRA (the trainer's own config) on the embedded model, on the same records, for the
 same epochs, through the trainer's own ``training.train.train_lora`` — only the batching differs:
