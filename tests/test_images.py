@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from devkit.cluster import Cluster
-from devkit.images import KUSTOMIZATION, image_tags
+from devkit.image_tags import KUSTOMIZATION, image_tags
 from devkit.paths import DEPLOY, REPO_ROOT
 from finetune_operator.settings import Settings
 

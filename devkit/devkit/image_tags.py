@@ -1,7 +1,8 @@
 """The container images and their tags, read from their one source: the `images:` block of deploy/kustomization.yaml.
 
 Shell scripts read the same block without a YAML tool: `sed -n 's/^ *newTag: *//p' deploy/kustomization.yaml`
-(one tag for all images; tests/test_images.py keeps it so).
+(one tag for all images; tests/test_images.py keeps it so). Not named `devkit.images`: run from the repository root,
+that name would resolve to the folder devkit/images/ (a namespace package) instead of this module.
 """
 
 from __future__ import annotations
