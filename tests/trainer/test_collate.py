@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from training.collate import IGNORE_INDEX, CompletionCollator, tokenize_example
-from training.data import PROMPT_TEMPLATE
+from training.prompt import PROMPT_TEMPLATE
 from transformers import AutoTokenizer
 
 

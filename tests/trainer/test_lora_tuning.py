@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, TaskType
-from training.lora_tuning import CharacterFineTuning, detect_target_modules
+from training.lora_tuning import CharacterFineTuning
+from training.model import detect_target_modules
 from transformers import LlamaConfig
 
 
@@ -88,7 +89,7 @@ def test_prepare_data_counts_caps_to_the_newest_and_skips_below_the_minimum(tmp_
                                                                           make_voice_history) -> None:
     from datetime import UTC, datetime
 
-    from training.lora_tuning import InsufficientDataError
+    from training.pipeline import InsufficientDataError
 
     until = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
     messages = make_voice_history(sessions=40, end=until)

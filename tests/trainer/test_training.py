@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from training.data import PROMPT_TEMPLATE
-from training.lora_tuning import CharacterFineTuning, RunReport
+from training.lora_tuning import CharacterFineTuning
+from training.pipeline import RunReport
+from training.prompt import PROMPT_TEMPLATE
 from training.publish import list_versions
 
 pytestmark = pytest.mark.slow
@@ -120,7 +121,7 @@ def test_rerun_is_reproducible_evaluates_the_serving_adapter_and_prunes_around_i
 
 
 def test_too_little_data_raises_before_loading_any_model(tmp_path: Path, history_file: Path) -> None:
-    from training.lora_tuning import InsufficientDataError
+    from training.pipeline import InsufficientDataError
 
     with pytest.raises(InsufficientDataError, match=r"too little data: \d+ < 100000 examples"):
         # A base model that does not exist proves nothing was loaded.

@@ -1,8 +1,8 @@
 """Tokenize Alpaca records for causal-LM fine-tuning and batch them.
 
-Each example is ``prompt_template.format(...) + output + EOS``. Labels are ``-100`` on the prompt (and on padding),
-so the loss is only on the reply the character should produce. Batches are padded to their longest member, not to
-``max_length``; on chat data (short, similar lengths) that leaves about a quarter of a random batch as padding.
+Each example is the rendered prompt (``training.prompt``) + output + EOS. Labels are ``-100`` on the prompt (and on
+padding), so the loss is only on the reply the character should produce. Batches are padded to their longest member,
+not to ``max_length``; on chat data (short, similar lengths) that leaves about a quarter of a random batch as padding.
 
 The spec's original setup (every example padded to 512, loss on prompt and reply) is still expressible with
 ``padding="max_length"`` and ``loss_on_prompt=True``, only so that benchmarks can compare the two honestly.
@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .data import PROMPT_TEMPLATE
+from .prompt import PROMPT_TEMPLATE, render_prompt
 
 IGNORE_INDEX = -100
 
@@ -37,7 +37,7 @@ def tokenize_example(
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; replies could not end")
-    prompt = prompt_template.format(instruction=record["instruction"], input=record.get("input", ""))
+    prompt = render_prompt(record, prompt_template)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     reply_ids = [*tokenizer(record["output"], add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
     if len(prompt_ids) + len(reply_ids) > max_length:

@@ -24,10 +24,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-# The exact text the model sees before the reply; the chat service formats the same template (contract §2).
-PROMPT_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nOutput: "
+# Context in the Alpaca `input` is cut to its last this many characters; the chat service cuts the same way
+# (CHAT_CONTEXT_CHARS, default 1000), and the manifest records it.
+CONTEXT_CHARS = 1000
 
 DROP_REASONS = ("thumbs_down", "empty", "duplicate", "unanswered_user", "unanswered_assistant", "other_role")
 
@@ -70,8 +71,19 @@ class PairingResult:
         return {reason: int(self.dropped.get(reason, 0)) for reason in DROP_REASONS}
 
 
-def format_prompt(instruction: str, input: str = "") -> str:  # "input" is the Alpaca field name
-    return PROMPT_TEMPLATE.format(instruction=instruction, input=input)
+class PreparedData(NamedTuple):
+    """What one run trains and evaluates on: the message count, the drop counters and the session split."""
+
+    messages: int
+    dropped: dict[str, int]
+    train: list[Example]
+    held_out: list[Example]
+
+    def train_records(self) -> list[dict[str, str]]:
+        return [e.alpaca() for e in self.train]
+
+    def eval_records(self) -> list[dict[str, str]]:
+        return [e.alpaca() for e in self.held_out]
 
 
 def parse_time(value: Any) -> datetime:
@@ -140,7 +152,7 @@ def pair_messages(
     rows: Iterable[Mapping[str, Any]],
     *,
     context_turns: int = 0,
-    context_chars: int = 1000,
+    context_chars: int = CONTEXT_CHARS,
 ) -> PairingResult:
     """Pair user turns with their replies (rules in the module docstring).
 
@@ -151,53 +163,66 @@ def pair_messages(
     messages.sort(key=_order_key)
     result = PairingResult(examples=[], messages=len(messages))
     candidates: list[Example] = []
-
     start = 0
     while start < len(messages):
         end = start
-        session = messages[start].session_id
-        while end < len(messages) and messages[end].session_id == session:
+        while end < len(messages) and messages[end].session_id == messages[start].session_id:
             end += 1
-        pending: Message | None = None
-        history: list[Message] = []  # earlier non-empty turns of this session, for context
-        for message in messages[start:end]:
-            if message.role == "user":
-                if pending is not None:
-                    result.dropped["unanswered_user"] += 1
-                    _remember(history, pending)
-                pending = message
-            elif message.role == "assistant":
-                if pending is None:
-                    result.dropped["unanswered_assistant"] += 1
-                elif message.feedback == "down":
-                    result.dropped["thumbs_down"] += 1
-                elif not pending.content.strip() or not message.content.strip():
-                    result.dropped["empty"] += 1
-                else:
-                    context = _context_text(history[-context_turns:], context_chars) if context_turns > 0 else ""
-                    candidates.append(Example(pending.content, context, message.content, session, pending.created_at))
-                if pending is not None:
-                    _remember(history, pending)
-                    pending = None
-                # A rejected reply was still said in the conversation, so it stays in later context.
-                _remember(history, message)
-            else:
-                result.dropped["other_role"] += 1
-        if pending is not None:
-            result.dropped["unanswered_user"] += 1
+        candidates += _pair_session(messages[start:end], context_turns, context_chars, result.dropped)
         start = end
+    result.examples = _without_duplicates(candidates, result.dropped)
+    return result
 
+
+def _pair_session(
+    session: Sequence[Message], context_turns: int, context_chars: int, dropped: Counter[str]
+) -> list[Example]:
+    """The pairs of one session's messages (in order); what cannot pair is counted in ``dropped``."""
+    pairs: list[Example] = []
+    pending: Message | None = None
+    history: list[Message] = []  # earlier non-empty turns of this session, for context
+    for message in session:
+        if message.role == "user":
+            if pending is not None:
+                dropped["unanswered_user"] += 1
+                _remember(history, pending)
+            pending = message
+        elif message.role == "assistant":
+            if pending is None:
+                dropped["unanswered_assistant"] += 1
+            elif message.feedback == "down":
+                dropped["thumbs_down"] += 1
+            elif not pending.content.strip() or not message.content.strip():
+                dropped["empty"] += 1
+            else:
+                context = _context_text(history[-context_turns:], context_chars) if context_turns > 0 else ""
+                pairs.append(Example(pending.content, context, message.content, message.session_id,
+                                     pending.created_at))
+            if pending is not None:
+                _remember(history, pending)
+                pending = None
+            # A rejected reply was still said in the conversation, so it stays in later context.
+            _remember(history, message)
+        else:
+            dropped["other_role"] += 1
+    if pending is not None:
+        dropped["unanswered_user"] += 1
+    return pairs
+
+
+def _without_duplicates(candidates: list[Example], dropped: Counter[str]) -> list[Example]:
     # Oldest first, so the kept copy of a duplicate is the earliest one and the order is reproducible.
     candidates.sort(key=lambda e: (e.created_at, e.session_id))
     seen: set[tuple[str, str, str]] = set()
+    kept: list[Example] = []
     for example in candidates:
         key = (example.instruction.strip(), example.input.strip(), example.output.strip())
         if key in seen:
-            result.dropped["duplicate"] += 1
+            dropped["duplicate"] += 1
             continue
         seen.add(key)
-        result.examples.append(example)
-    return result
+        kept.append(example)
+    return kept
 
 
 def session_bucket(session_id: str) -> float:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .collate import IGNORE_INDEX, tokenize_example
-from .data import PROMPT_TEMPLATE
+from .prompt import PROMPT_TEMPLATE, render_prompt
 from .train import choose_precision, make_collator
+
+log = logging.getLogger(__name__)
+
+SAMPLE_COUNT = 3
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
@@ -81,7 +88,7 @@ def sample_replies(
     replies = []
     try:
         for record in records:
-            prompt = prompt_template.format(instruction=record["instruction"], input=record.get("input", ""))
+            prompt = render_prompt(record, prompt_template)
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
             with _autocast(device):
                 out = model.generate(
@@ -103,3 +110,70 @@ def adapter_disabled(model: PreTrainedModel) -> Iterator[None]:
     """The base model's behaviour, from a peft model, without copying weights."""
     with model.disable_adapter():  # type: ignore[attr-defined]
         yield
+
+
+def held_out_losses(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping[str, str]],
+    *,
+    serving_path: Path | None,
+    max_length: int = 512,
+    prompt_template: str = PROMPT_TEMPLATE,
+) -> dict[str, float | None]:
+    """Eval loss of the base model, of the serving adapter at ``serving_path`` (``None`` when there is none or it
+    cannot be loaded) and of the new adapter (a peft model's ``default``), on the same records."""
+    kwargs: dict[str, Any] = {"max_length": max_length, "prompt_template": prompt_template}
+    adapter = eval_loss(model, tokenizer, records, **kwargs)
+    with adapter_disabled(model):
+        base = eval_loss(model, tokenizer, records, **kwargs)
+    serving = None if serving_path is None else _serving_loss(model, tokenizer, records, serving_path, kwargs)
+    log.info("eval loss on %d held-out examples: base %.4f, serving %s, new adapter %.4f", len(records), base,
+             "n/a" if serving is None else f"{serving:.4f}", adapter)
+    return {
+        "eval_loss_base": round(base, 6),
+        "eval_loss_serving": None if serving is None else round(serving, 6),
+        "eval_loss_adapter": round(adapter, 6),
+    }
+
+
+def _serving_loss(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping[str, str]],
+    path: Path,
+    kwargs: dict[str, Any],
+) -> float | None:
+    if not (path / "adapter_config.json").is_file():
+        log.warning("serving version %s not found at %s; eval_loss_serving stays null", path.name, path)
+        return None
+    # Loaded next to the new adapter, so the base weights are shared rather than loaded twice.
+    try:
+        model.load_adapter(str(path), adapter_name="serving")
+    except Exception as exc:  # a broken or foreign adapter must not cost this month's training
+        log.warning("serving version %s cannot be loaded (%s); eval_loss_serving stays null", path.name, exc)
+        return None
+    model.set_adapter("serving")
+    try:
+        return eval_loss(model, tokenizer, records, **kwargs)
+    finally:
+        model.set_adapter("default")
+        model.delete_adapter("serving")
+
+
+def before_after_samples(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping[str, str]],
+    *,
+    prompt_template: str = PROMPT_TEMPLATE,
+) -> list[dict[str, str]]:
+    """Greedy replies of the base model and of the adapter to the first few records, for people to read."""
+    chosen = records[:SAMPLE_COUNT]
+    with adapter_disabled(model):
+        before = sample_replies(model, tokenizer, chosen, prompt_template=prompt_template)
+    after = sample_replies(model, tokenizer, chosen, prompt_template=prompt_template)
+    return [
+        {"instruction": r["instruction"][:160], "reference": r["output"][:160], "before": b, "after": a}
+        for r, b, a in zip(chosen, before, after, strict=True)
+    ]

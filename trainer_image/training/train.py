@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from .collate import CompletionCollator, tokenize_example
-from .data import PROMPT_TEMPLATE
+from .prompt import PROMPT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -110,31 +110,19 @@ class TrainStats:
     steps: int
 
 
-def train_lora(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    train_records: Sequence[Mapping[str, str]],
-    *,
+def _training_arguments(
     work_dir: str,
-    epochs: float = 3,
-    batch_size: int = 4,
-    learning_rate: float = 3e-4,
-    max_length: int = 512,
-    gradient_accumulation_steps: int = 1,
-    seed: int = 42,
-    logging_steps: int = 10,
-    prompt_template: str = PROMPT_TEMPLATE,
-    padding: Literal["longest", "max_length"] = "longest",
-    loss_on_prompt: bool = False,
-    group_by_length: bool = False,
-) -> tuple[Trainer, TrainStats]:
-    """Train ``model`` (a peft model) in place. ``padding``/``loss_on_prompt``/``group_by_length`` exist so that
-    benchmarks can reproduce the spec's padded-to-512 setup; the product uses the defaults."""
-    dataset = build_dataset(
-        train_records, tokenizer, max_length, prompt_template=prompt_template, loss_on_prompt=loss_on_prompt
-    )
-    precision = choose_precision()
-    args = TrainingArguments(
+    *,
+    epochs: float,
+    batch_size: int,
+    learning_rate: float,
+    gradient_accumulation_steps: int,
+    seed: int,
+    logging_steps: int,
+    precision: Precision,
+    group_by_length: bool,
+) -> TrainingArguments:
+    return TrainingArguments(
         output_dir=work_dir,
         num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
@@ -160,6 +148,37 @@ def train_lora(
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without a GPU, accelerate only treats torchrun's processes as one job (gloo DDP) when told it is on CPUs.
         use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train_lora(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_records: Sequence[Mapping[str, str]],
+    *,
+    work_dir: str,
+    epochs: float = 3,
+    batch_size: int = 4,
+    learning_rate: float = 3e-4,
+    max_length: int = 512,
+    gradient_accumulation_steps: int = 1,
+    seed: int = 42,
+    logging_steps: int = 10,
+    prompt_template: str = PROMPT_TEMPLATE,
+    padding: Literal["longest", "max_length"] = "longest",
+    loss_on_prompt: bool = False,
+    group_by_length: bool = False,
+) -> tuple[Trainer, TrainStats]:
+    """Train ``model`` (a peft model) in place. ``padding``/``loss_on_prompt``/``group_by_length`` exist so that
+    benchmarks can reproduce the spec's padded-to-512 setup; the product uses the defaults."""
+    dataset = build_dataset(
+        train_records, tokenizer, max_length, prompt_template=prompt_template, loss_on_prompt=loss_on_prompt
+    )
+    precision = choose_precision()
+    args = _training_arguments(
+        work_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        gradient_accumulation_steps=gradient_accumulation_steps, seed=seed, logging_steps=logging_steps,
+        precision=precision, group_by_length=group_by_length,
     )
     trainer = Trainer(
         model=model,
