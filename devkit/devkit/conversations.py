@@ -213,6 +213,18 @@ def _opener(topic: Topic, lang: str, rng: random.Random, templates: Sequence[str
     return rng.choice(pool).format(ja=topic.ja, en=topic.en)
 
 
+def _next_prompt(
+    topic: Topic, lang: str, rng: random.Random, turn: int, openers: Sequence[str] | None = None
+) -> tuple[Topic, str]:
+    """A session's user message at ``turn``: an opener first, then mostly follow-ups, now and then a new topic."""
+    if turn == 0:
+        return topic, _opener(topic, lang, rng, openers)
+    if rng.random() < 0.2:
+        topic = rng.choice(TOPICS)
+        return topic, _opener(topic, lang, rng, openers)
+    return topic, rng.choice(JA_FOLLOW_UPS if lang == "ja" else EN_FOLLOW_UPS)
+
+
 def _check_character(character: str) -> None:
     if character not in CHARACTERS:
         raise ValueError(f"unknown character {character!r}; known: {', '.join(CHARACTERS)}")
@@ -273,13 +285,7 @@ def generate_history(
         lang = "ja" if rng.random() < _JA_SHARE[character] else "en"
         topic = rng.choice(TOPICS)
         for turn in range(rng.randint(2, 6)):
-            if turn == 0:
-                prompt = _opener(topic, lang, rng)
-            elif rng.random() < 0.2:
-                topic = rng.choice(TOPICS)
-                prompt = _opener(topic, lang, rng)
-            else:
-                prompt = rng.choice(JA_FOLLOW_UPS if lang == "ja" else EN_FOLLOW_UPS)
+            topic, prompt = _next_prompt(topic, lang, rng, turn)
             off_voice = rng.random() < thumbs_down_rate
             voice = rng.choice(off_voices) if off_voice else character
             answer = reply(voice, topic, lang, rng, turn)
@@ -368,3 +374,23 @@ def generic_dialogue(seed: int, count: int) -> list[tuple[str, str, str]]:
             instruction, context = opener, ""
         examples.append((instruction, context, reply("generic", topic, lang, rng, turn)))
     return examples
+
+
+def generic_sessions(seed: int, count: int) -> list[list[tuple[str, str]]]:
+    """``count`` neutral chat sessions, each a list of ``(role, text)`` turns — the base model's pretraining chats.
+
+    Sessions run like :func:`generate_history`'s (an opener, follow-ups, now and then a new topic) but have 1–5
+    exchanges, every reply in the generic voice, and openers from every template (held-out ones included).
+    """
+    rng = random.Random(f"generic-sessions:{seed}")
+    openers = {"ja": JA_OPENERS + JA_HELD_OUT, "en": EN_OPENERS + EN_HELD_OUT}
+    sessions = []
+    for _ in range(count):
+        lang = "ja" if rng.random() < 0.6 else "en"
+        topic = rng.choice(TOPICS)
+        turns: list[tuple[str, str]] = []
+        for turn in range(rng.randint(1, 5)):
+            topic, prompt = _next_prompt(topic, lang, rng, turn, openers[lang])
+            turns += [("user", prompt), ("assistant", reply("generic", topic, lang, rng, turn))]
+        sessions.append(turns)
+    return sessions

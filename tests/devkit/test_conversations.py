@@ -16,15 +16,16 @@ from devkit.conversations import (
     carries_style,
     generate_history,
     generic_dialogue,
+    generic_sessions,
     held_out_prompts,
     style_score,
     user_turns,
     write_jsonl,
 )
+from devkit.paths import DOCS
 
 START = datetime(2026, 10, 27, tzinfo=UTC)
 END = datetime(2026, 11, 26, tzinfo=UTC)
-from devkit.paths import DOCS
 
 CONTRACTS = DOCS / "contracts.md"
 
@@ -117,6 +118,20 @@ def test_generic_voice_carries_no_character_markers() -> None:
     for character in CHARACTERS:
         assert style_score(character, outputs) == 0.0
 
+
+
+def test_generic_sessions_are_neutral_multi_turn_chats() -> None:
+    sessions = generic_sessions(seed=0, count=400)
+    assert sessions == generic_sessions(seed=0, count=400) != generic_sessions(seed=1, count=400)
+    assert {len(turns) // 2 for turns in sessions} == {1, 2, 3, 4, 5}
+    for turns in sessions:
+        assert [role for role, _ in turns] == ["user", "assistant"] * (len(turns) // 2)
+        user, assistant = turns[0][1], turns[1][1]
+        topic = max((t for t in TOPICS if t.ja in user or t.en in user), key=lambda t: len(t.ja))
+        assert any(tip in assistant for tip in (*topic.ja_tips, *topic.en_tips)), (user, assistant)
+    replies = [text for turns in sessions for role, text in turns if role == "assistant"]
+    for character in CHARACTERS:
+        assert style_score(character, replies) == 0.0
 
 @pytest.mark.parametrize("character", CHARACTERS)
 def test_replies_answer_the_topic_of_the_prompt(character: str) -> None:
