@@ -2,6 +2,8 @@
 # Builds the pinned control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok) from
 # the Go modules in this directory into a cache outside the clone. Skips the build when the cache's stamp matches.
 # Prints the bin directory as the last line of stdout.
+# `build.sh kubelet` builds the kubelet of the same release instead (the real node, devkit/node/build.sh), with a
+# stamp of its own: the control plane alone never waits for it.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/versions.env"
@@ -16,12 +18,20 @@ cache="${LLMMULTICHAT_CACHE:-$HOME/.cache/llmmultichat}/k8s-${K8S_VERSION}"
 bin="$cache/bin"
 stamp_value="$(cat "$here/go.mod" "$here/go.sum" "$here/build.sh" | sha256sum | cut -d' ' -f1) $(go env GOVERSION)"
 binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
+stamp="$cache/stamp"
+if [[ "${1:-}" == kubelet ]]; then
+  binaries=(kubelet)
+  stamp="$cache/stamp-kubelet"
+elif (($#)); then
+  echo "usage: $0 [kubelet]" >&2
+  exit 2
+fi
 
 current=1
-[[ "$(cat "$cache/stamp" 2>/dev/null)" == "$stamp_value" ]] || current=0
+[[ "$(cat "$stamp" 2>/dev/null)" == "$stamp_value" ]] || current=0
 for b in "${binaries[@]}"; do [[ -x "$bin/$b" ]] || current=0; done
 if [[ $current == 1 ]]; then
-  echo "control plane ${K8S_VERSION} is current" >&2
+  echo "${binaries[*]} ${K8S_VERSION}: current" >&2
   echo "$bin"
   exit 0
 fi
@@ -41,10 +51,11 @@ declare -A packages=(
   [kube-controller-manager]=k8s.io/kubernetes/cmd/kube-controller-manager
   [kube-scheduler]=k8s.io/kubernetes/cmd/kube-scheduler
   [kubectl]=k8s.io/kubernetes/cmd/kubectl
+  [kubelet]=k8s.io/kubernetes/cmd/kubelet
   [kwok]=sigs.k8s.io/kwok/cmd/kwok
 )
 mkdir -p "$bin"
-rm -f "$cache/stamp"
+rm -f "$stamp"
 cd "$here"
 echo "downloading Go modules (first time only) ..." >&2
 go mod download
@@ -57,6 +68,6 @@ for b in "${binaries[@]}"; do
   go build -p "${GO_BUILD_JOBS:-2}" -ldflags "$flags" -o "$bin/$b.tmp" "${packages[$b]}"
   mv "$bin/$b.tmp" "$bin/$b"
 done
-echo "$stamp_value" > "$cache/stamp"
-echo "control plane ${K8S_VERSION} built in $((SECONDS - start))s into $bin" >&2
+echo "$stamp_value" > "$stamp"
+echo "${binaries[*]} ${K8S_VERSION} built in $((SECONDS - start))s into $bin" >&2
 echo "$bin"

@@ -1,0 +1,191 @@
+"""The project's three images, built here from their Dockerfiles and imported into the real node's containerd.
+
+No Docker engine and no registry: `buildah bud --isolation chroot` builds each Dockerfile on the local Debian base
+(devkit/base-image/build.sh, passed as BASE_IMAGE), with pip's downloads cached outside the clone
+(`~/.cache/llmmultichat/pip`, mounted at /root/.cache/pip in the builder stage). Each image is tagged with exactly the
+name and tag deploy/ uses (devkit.image_tags, from deploy/kustomization.yaml), as the kubelet spells it
+(`docker.io/llmmultichat/chat:<tag>`), and imported into containerd's `k8s.io` namespace through a docker-archive
+(uncompressed: no gzip of gigabytes on two cores).
+
+Rebuilt only on change: a content hash of the Dockerfile, the files it copies and the base image's ID is a label on
+the image (`llmmultichat.io/content-hash`); the containerd copy is replaced only when its image differs.
+
+CLI: `python -m devkit.localimages [build|import|all] [--only chat,trainer,...]` (`make node-images`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devkit import cluster as cp
+from devkit import realnode
+from devkit.image_tags import image_tags
+from devkit.paths import REPO_ROOT
+
+BASE_IMAGE = "localhost/llmmultichat/base:bookworm"
+BASE_SCRIPT = REPO_ROOT / "devkit" / "base-image" / "build.sh"
+DOCKERFILES = {
+    "llmmultichat/operator": REPO_ROOT / "operator" / "Dockerfile",
+    "llmmultichat/trainer": REPO_ROOT / "trainer_image" / "Dockerfile",
+    "llmmultichat/chat": REPO_ROOT / "chat_image" / "Dockerfile",
+}
+HASH_LABEL = "llmmultichat.io/content-hash"
+_SKIPPED_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMMULTICHAT_CACHE", Path.home() / ".cache" / "llmmultichat"))
+
+
+@dataclass
+class Built:
+    ref: str
+    image_id: str
+    size_bytes: int
+    seconds: float  # 0 when it was current
+
+
+def reference(name: str) -> str:
+    """The name the kubelet asks containerd for when a pod says `llmmultichat/chat:<tag>`."""
+    return f"docker.io/{name}:{image_tags()[name]}"
+
+
+def _buildah(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["buildah", *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise cp.ClusterError(f"buildah {' '.join(args[:2])} failed (exit {result.returncode}): "
+                              f"{result.stderr.strip()[-2000:]}")
+    return result
+
+
+def _inspect(ref: str) -> dict[str, Any] | None:
+    result = _buildah("inspect", "--type", "image", ref, check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def _copied_sources(dockerfile: Path) -> list[Path]:
+    """The context paths the Dockerfile's COPY lines (those not --from a stage) read; no continuation lines there."""
+    sources = []
+    for line in dockerfile.read_text(encoding="utf-8").splitlines():
+        words = shlex.split(line) if line.startswith("COPY ") else []
+        if words and not any(w.startswith("--from=") for w in words):
+            sources += [REPO_ROOT / w for w in words[1:-1] if not w.startswith("--")]
+    return sources
+
+
+def content_hash(dockerfile: Path, base_id: str) -> str:
+    digest = hashlib.sha256(f"{base_id}\n".encode())
+    for source in [dockerfile, *_copied_sources(dockerfile)]:
+        files = sorted(source.rglob("*")) if source.is_dir() else [source]
+        for path in files:
+            if path.is_file() and not _SKIPPED_PARTS & set(path.parts) and path.suffix != ".pyc":
+                digest.update(f"{path.relative_to(REPO_ROOT)}\n".encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_base() -> str:
+    """The local Debian base (built unless current); returns its image ID."""
+    result = subprocess.run(["bash", str(BASE_SCRIPT)], stdout=sys.stderr)
+    if result.returncode != 0:
+        raise cp.ClusterError(f"building {BASE_IMAGE} failed (exit {result.returncode}); see the output above")
+    info = _inspect(BASE_IMAGE)
+    assert info, BASE_IMAGE
+    return str(info["FromImageID"])
+
+
+def build(name: str, base_id: str) -> Built:
+    ref = reference(name)
+    dockerfile = DOCKERFILES[name]
+    wanted = content_hash(dockerfile, base_id)
+    info = _inspect(ref)
+    if info and _label(info, HASH_LABEL) == wanted:
+        return Built(ref, str(info["FromImageID"]), _size(ref), 0.0)
+    pip_cache = cache_dir() / "pip"
+    pip_cache.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    cp.log(f"building {ref} from {dockerfile.relative_to(REPO_ROOT)} (content {wanted})")
+    result = subprocess.run(
+        ["buildah", "bud", "--isolation", "chroot", "--layers=false", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+         "--volume", f"{pip_cache}:/root/.cache/pip", "--label", f"{HASH_LABEL}={wanted}",
+         "-f", str(dockerfile), "-t", ref, str(REPO_ROOT)], stdout=sys.stderr)
+    if result.returncode != 0:
+        raise cp.ClusterError(f"buildah bud {dockerfile.relative_to(REPO_ROOT)} failed (exit {result.returncode})")
+    _buildah("rmi", "--prune", check=False)  # the untagged image the previous build of this tag left
+    info = _inspect(ref)
+    assert info, ref
+    return Built(ref, str(info["FromImageID"]), _size(ref), time.monotonic() - started)
+
+
+def _label(info: dict[str, Any], key: str) -> str | None:
+    return ((info.get("Docker") or {}).get("config") or {}).get("Labels", {}).get(key)
+
+
+def _size(ref: str) -> int:
+    out = _buildah("images", "--json", ref).stdout
+    return int(json.loads(out)[0].get("size", 0))
+
+
+def import_into_node(ref: str, image_id: str) -> float:
+    """Puts the buildah image `ref` into the node's containerd unless the same image is there; returns seconds."""
+    state = cp.read_state() or {}
+    node = state.get("node")
+    if not node or not realnode.healthy(state):
+        raise cp.ClusterError("the real node is not running: `make node-up` (python -m devkit.cluster up --real-node)")
+    node_bins = Path(node["bin_dir"])
+    if _containerd_image_id(node_bins, ref) == image_id:
+        return 0.0
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="llmmc-image-", dir=cache_dir()) as tmp:
+        archive = Path(tmp) / "image.tar"
+        _buildah("push", "--quiet", ref, f"docker-archive:{archive}:{ref}")
+        realnode.import_archive(node_bins, archive)
+    return time.monotonic() - started
+
+
+def _containerd_image_id(bins: Path, ref: str) -> str | None:
+    """The image (config) digest containerd holds for `ref`, the same ID buildah gives the image."""
+    listing = realnode.ctr(bins, "images", "ls", f"name=={ref}", check=False).stdout.splitlines()[1:]
+    if not listing:
+        return None
+    manifest_digest = listing[0].split()[2]
+    manifest = json.loads(realnode.ctr(bins, "content", "get", manifest_digest).stdout)
+    return str(manifest["config"]["digest"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devkit.localimages", description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="all", choices=["build", "import", "all"])
+    parser.add_argument("--only", default="", help="comma-separated short names: operator,trainer,chat")
+    args = parser.parse_args(argv)
+    names = [n for n in DOCKERFILES if not args.only or n.rpartition("/")[2] in args.only.split(",")]
+    try:
+        base_id = build_base()
+        if args.command in ("import", "all"):  # the real-node tests run their pods from the base itself
+            import_into_node(BASE_IMAGE, base_id)
+        for name in names:
+            built = build(name, base_id)
+            how = f"built in {built.seconds:.0f}s" if built.seconds else "current"
+            print(f"{built.ref}: {how}, {built.size_bytes / 2**20:.0f} MiB, {built.image_id}", flush=True)
+            if args.command in ("import", "all"):
+                seconds = import_into_node(built.ref, built.image_id)
+                how = f"imported in {seconds:.0f}s" if seconds else "current"
+                print(f"    containerd (k8s.io): {how}", flush=True)
+    except cp.ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
