@@ -91,7 +91,7 @@ def test_every_from_has_an_explicit_tag(dockerfile):
 
 def test_base_image_is_a_build_argument_defaulting_to_the_public_slim_image():
     # One base for both stages (the venv's python symlink must resolve in the runtime stage), replaceable with a
-    # local one on the real node's path (devkit/images/base.sh).
+    # local one on the real node's path (devkit/base-image/build.sh).
     for name in DOCKERFILES:
         instructions = parse((ROOT / name).read_text(encoding="utf-8"))
         assert global_args(instructions) == {"BASE_IMAGE": "python:3.11.7-slim-bookworm"}, name
@@ -99,6 +99,26 @@ def test_base_image_is_a_build_argument_defaulting_to_the_public_slim_image():
         assert froms == ["${BASE_IMAGE} AS builder", "${BASE_IMAGE}"], name
         assert [args for _, args in (stage[0] for stage in stages(instructions))] == [
             "python:3.11.7-slim-bookworm AS builder", "python:3.11.7-slim-bookworm"], name
+
+
+# Debian bookworm's base-passwd (group.master, passwd.master): every Debian-based image, python:slim included, has
+# these, so groupadd/useradd of one of them fails the build (the operator image's `operator` group did).
+DEBIAN_GROUPS = {"root", "daemon", "bin", "sys", "adm", "tty", "disk", "lp", "mail", "news", "uucp", "man", "proxy",
+    "kmem", "dialout", "fax", "voice", "cdrom", "floppy", "tape", "sudo", "audio", "dip", "www-data", "backup",
+    "operator", "list", "irc", "src", "shadow", "utmp", "video", "sasl", "plugdev", "staff", "games", "users",
+    "nogroup"}
+DEBIAN_USERS = {"root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy",
+    "www-data", "backup", "list", "irc", "_apt", "nobody"}
+
+
+def test_created_user_and_group_are_new_to_debian(dockerfile):
+    name, parsed = dockerfile
+    runs = [args for keyword, args in parsed[-1] if keyword == "RUN"]
+    created = [cmd.split() for run in runs for cmd in run.split("&&") if cmd.split()[:1] in (["groupadd"], ["useradd"])]
+    assert len(created) == 2, f"{name}: expected one groupadd and one useradd, got {created}"
+    for command in created:
+        taken = DEBIAN_GROUPS if command[0] == "groupadd" else DEBIAN_USERS
+        assert command[-1] not in taken, f"{name}: {command[0]} {command[-1]}: Debian's base-passwd has it already"
 
 
 def test_final_stage_runs_as_numeric_non_root_user(dockerfile):

@@ -41,6 +41,7 @@ DOCKERFILES = {
     "llmmultichat/chat": REPO_ROOT / "chat_image" / "Dockerfile",
 }
 HASH_LABEL = "llmmultichat.io/content-hash"
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # Debian's bundle, where Debian's pip and OpenSSL look
 _SKIPPED_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 
 
@@ -115,9 +116,12 @@ def build(name: str, base_id: str) -> Built:
     pip_cache.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     cp.log(f"building {ref} from {dockerfile.relative_to(REPO_ROOT)} (content {wanted})")
+    # The build trusts what this machine trusts (a TLS-inspecting proxy's CA, say): the host's CA bundle is mounted
+    # over the base's for the RUN steps only, never committed to the image.
+    trust = ["--volume", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"] if Path(HOST_CA_BUNDLE).is_file() else []
     result = subprocess.run(
         ["buildah", "bud", "--isolation", "chroot", "--layers=false", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-         "--volume", f"{pip_cache}:/root/.cache/pip", "--label", f"{HASH_LABEL}={wanted}",
+         "--volume", f"{pip_cache}:/root/.cache/pip", *trust, "--label", f"{HASH_LABEL}={wanted}",
          "-f", str(dockerfile), "-t", ref, str(REPO_ROOT)], stdout=sys.stderr)
     if result.returncode != 0:
         raise cp.ClusterError(f"buildah bud {dockerfile.relative_to(REPO_ROOT)} failed (exit {result.returncode})")
