@@ -27,7 +27,7 @@ import yaml
 from devkit.cluster import Cluster
 from devkit.paths import CRD, DEPLOY, REPO_ROOT
 from devkit.podrunner import NEVER_READY_ANNOTATION, release_pod, wait_for_pod
-from devkit.waiting import WaitTimeout, free_port, wait_until
+from devkit.waiting import WaitTimeout, free_port, stop_process, wait_until
 
 RBAC = DEPLOY / "operator" / "rbac.yaml"
 PEERING = DEPLOY / "operator" / "peering.yaml"
@@ -65,17 +65,6 @@ def log_tail(path: Path, lines: int = 60) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM, then SIGKILL if the process has not exited after `timeout` seconds."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # --- the operator ----------------------------------------------------------------------------------------------------
@@ -154,7 +143,7 @@ class OperatorProcess:
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process, timeout=15)
+            stop_process(self.process, timeout=15)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no goodbye, as an OOM kill or a node loss."""
@@ -336,7 +325,7 @@ class ChatProcess:
 
     def stop(self, timeout: float = 15) -> None:
         if self.process is not None:
-            _stop(self.process, timeout)
+            stop_process(self.process, timeout)
 
 
 def make_adapter(base_model: Path, root: Path, character: str, version: str, *, untrained: bool = False,

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 from devkit.cluster import Cluster, ClusterError
-from devkit.waiting import wait_until
+from devkit.waiting import stop_process, wait_until
 
 EXIT_CODE_ANNOTATION = "podrunner.llmmultichat.io/exit-code"
 MESSAGE_ANNOTATION = "podrunner.llmmultichat.io/message"
@@ -64,13 +63,7 @@ class LocalPod:
     stderr_path: Path
 
     def stop(self, timeout: float = 10) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
         shutil.rmtree(self.sandbox, ignore_errors=True)
         return _exit_code(self.process.returncode)
 

@@ -1,9 +1,11 @@
-"""The two primitives every local process of the dev kit is run with: a free loopback port, and polling until a
-condition holds. A leaf module (no devkit imports), so the cluster, the pod runner and the harness all share it."""
+"""The primitives every local process of the dev kit is run with: a free loopback port, polling until a condition
+holds, and stopping a child process. A leaf module (no devkit imports), so the cluster, the pod runner and the harness
+all share it."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -33,3 +35,14 @@ def wait_until(what: str, probe: Callable[[], T | None], timeout: float = 30, in
         if time.monotonic() > deadline:
             raise WaitTimeout(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
         time.sleep(interval)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited after `timeout` seconds; returns once it has exited."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
