@@ -57,6 +57,13 @@ class Metrics:
             ["character", "state", "reason"],
             registry=self.registry,
         )
+        self.feedback_votes = Counter(
+            "chat_feedback_votes",
+            "Thumbs up/down votes received, by character, the version that wrote the rated reply ('other' when this "
+            "replica does not serve that version: keeps the label set bounded) and rating (up, down).",
+            ["character", "version", "rating"],
+            registry=self.registry,
+        )
         self.model_loaded = Gauge(
             "chat_model_loaded", "1 once the base model and adapters are loaded.", registry=self.registry
         )

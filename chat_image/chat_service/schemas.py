@@ -46,6 +46,20 @@ class FeedbackResponse(BaseModel):
     session_id: str
 
 
+class VersionFeedbackInfo(BaseModel):
+    version: str | None = Field(description="adapter version that wrote the replies, 'base', or null (imported)")
+    up: int
+    down: int
+    rated: int = Field(description="up + down: replies with a vote (each counts once, its latest vote)")
+    down_rate: float = Field(description="down / rated (versions without votes are not listed)")
+
+
+class CharacterFeedback(BaseModel):
+    character: str
+    serving_version: str | None = Field(description="what answers now ('base' without an adapter; null while loading)")
+    versions: list[VersionFeedbackInfo] = Field(description="base first, then versions oldest first, null last")
+
+
 class HistoryMessage(BaseModel):
     id: int
     session_id: str

@@ -38,6 +38,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     insert,
     select,
     text,
@@ -46,6 +47,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from .generation import BASE_VERSION
 
 Role = Literal["user", "assistant"]
 Feedback = Literal["up", "down"]
@@ -81,6 +84,16 @@ class Message(Base):
     __table_args__ = (
         Index("ix_messages_character_id", "character", "id"),
         Index("ix_messages_session_id", "session_id", "character", "id"),
+        # Feedback per (character, adapter version) is counted from this partial index: only rated replies are in it,
+        # so the count reads the rated rows of one character, never the whole table.
+        Index(
+            "ix_messages_feedback",
+            "character",
+            "adapter_version",
+            "feedback",
+            sqlite_where=text("feedback IS NOT NULL"),
+            postgresql_where=text("feedback IS NOT NULL"),
+        ),
         {"sqlite_autoincrement": True},
     )
 
@@ -132,6 +145,19 @@ class NewMessage:
     feedback: Feedback | None = None
 
 
+@dataclass(frozen=True)
+class VersionFeedback:
+    """Thumbs on one adapter version's replies (each reply counts once: its latest vote)."""
+
+    version: str | None  # None: replies imported without a recorded version
+    up: int
+    down: int
+
+    @property
+    def rated(self) -> int:
+        return self.up + self.down
+
+
 class InvalidCursor(ValueError):
     """The history cursor was not produced by this service."""
 
@@ -177,8 +203,12 @@ class Store:
             self.engine = create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=True)
 
     def create_schema(self) -> None:
-        """Create missing tables and indexes (idempotent; the schema has one version so far)."""
+        """Create missing tables and indexes (idempotent). create_all skips tables that exist, so indexes added
+        since a table was made are created one by one."""
         Base.metadata.create_all(self.engine)
+        for table in Base.metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(self.engine, checkfirst=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -287,6 +317,21 @@ class Store:
             session.execute(update(Message).where(Message.id == message_id).values(feedback=feedback))
             session.refresh(row)
             return StoredMessage.of(row)
+
+    def feedback_by_version(self, character: str) -> list[VersionFeedback]:
+        """Thumbs up/down per adapter version of a character's replies: base first, then versions in name order (they
+        are UTC start times, so oldest first), unrecorded last. Reads only the partial feedback index."""
+        query = (
+            select(Message.adapter_version, Message.feedback, func.count())
+            .where(Message.character == character, Message.feedback.is_not(None))
+            .group_by(Message.adapter_version, Message.feedback)
+        )
+        counts: dict[str | None, dict[str, int]] = {}
+        with Session(self.engine) as session:
+            for version, vote, count in session.execute(query):
+                counts.setdefault(version, {"up": 0, "down": 0})[vote] = count
+        order = sorted(counts, key=lambda version: (version is None, version != BASE_VERSION, version or ""))
+        return [VersionFeedback(version, counts[version]["up"], counts[version]["down"]) for version in order]
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import characters, chat, history, openai, ops
+from . import characters, chat, feedback, history, openai, ops
 
-ROUTERS: tuple[APIRouter, ...] = (chat.router, openai.router, characters.router, history.router, ops.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    chat.router,
+    openai.router,
+    characters.router,
+    feedback.router,
+    history.router,
+    ops.router,
+)

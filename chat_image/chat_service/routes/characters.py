@@ -1,15 +1,13 @@
-"""`GET /v1/characters` (who can be chatted with, and what serves each) and `POST /v1/feedback` on a reply."""
+"""`GET /v1/characters`: who can be chatted with, and what serves each."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter
 
 from ..characters import Character
-from ..deps import Service, ServiceDep, StoreDep, adapter_status
+from ..deps import Service, ServiceDep, adapter_status
 from ..generation import AdapterStatus
-from ..schemas import AdapterInfo, CharacterInfo, CharacterList, FeedbackRequest, FeedbackResponse
-from ..store import FeedbackTargetError
-from ..validation import invalid
+from ..schemas import AdapterInfo, CharacterInfo, CharacterList
 
 router = APIRouter(tags=["chat"])
 
@@ -42,16 +40,3 @@ def character_info(service: Service, character: Character) -> CharacterInfo:
 @router.get("/v1/characters", response_model=CharacterList, summary="Characters and their adapters")
 def list_characters(service: ServiceDep) -> CharacterList:
     return CharacterList(characters=[character_info(service, c) for c in service.characters.values()])
-
-
-@router.post("/v1/feedback", response_model=FeedbackResponse, summary="Thumbs up/down on a reply")
-def feedback(body: FeedbackRequest, store: StoreDep) -> FeedbackResponse:
-    try:
-        message = store.set_feedback(body.message_id, body.feedback)
-    except FeedbackTargetError as exc:
-        if "does not exist" in str(exc):
-            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
-        raise invalid(("body", "message_id"), str(exc), body.message_id) from exc
-    return FeedbackResponse(
-        message_id=message.id, feedback=body.feedback, character=message.character, session_id=message.session_id
-    )
