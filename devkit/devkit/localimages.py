@@ -53,7 +53,7 @@ def cache_dir() -> Path:
 class Built:
     ref: str
     image_id: str
-    size_bytes: int
+    size: str  # as buildah reports it, e.g. '364 MB'
     seconds: float  # 0 when it was current
 
 
@@ -135,19 +135,39 @@ def _label(info: dict[str, Any], key: str) -> str | None:
     return ((info.get("Docker") or {}).get("config") or {}).get("Labels", {}).get(key)
 
 
-def _size(ref: str) -> int:
-    out = _buildah("images", "--json", ref).stdout
-    return int(json.loads(out)[0].get("size", 0))
+def _size(ref: str) -> str:
+    return _buildah("images", "--format", "{{.Size}}", ref).stdout.strip()
+
+
+def built_image_id(ref: str) -> str | None:
+    """buildah's image ID (the config digest, `sha256:...`) of `ref`, None when it is not built."""
+    info = _inspect(ref)
+    return f"sha256:{info['FromImageID']}" if info else None
+
+
+def _node_bins() -> Path:
+    state = cp.read_state() or {}
+    if not realnode.healthy(state):
+        raise cp.ClusterError("the real node is not running: `make node-up` (python -m devkit.cluster up --real-node)")
+    return Path(state["node"]["bin_dir"])
+
+
+def node_image(ref: str) -> tuple[str, str] | None:
+    """(manifest digest, config digest) of the image containerd holds for `ref` in the kubelet's namespace."""
+    bins = _node_bins()
+    listing = realnode.ctr(bins, "images", "ls", f"name=={ref}", check=False).stdout.splitlines()[1:]
+    if not listing:
+        return None
+    manifest_digest = listing[0].split()[2]
+    manifest = json.loads(realnode.ctr(bins, "content", "get", manifest_digest).stdout)
+    return manifest_digest, str(manifest["config"]["digest"])
 
 
 def import_into_node(ref: str, image_id: str) -> float:
     """Puts the buildah image `ref` into the node's containerd unless the same image is there; returns seconds."""
-    state = cp.read_state() or {}
-    node = state.get("node")
-    if not node or not realnode.healthy(state):
-        raise cp.ClusterError("the real node is not running: `make node-up` (python -m devkit.cluster up --real-node)")
-    node_bins = Path(node["bin_dir"])
-    if _containerd_image_id(node_bins, ref) == image_id:
+    node_bins = _node_bins()
+    held = node_image(ref)
+    if held and held[1] == f"sha256:{image_id}":
         return 0.0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llmmc-image-", dir=cache_dir()) as tmp:
@@ -155,16 +175,6 @@ def import_into_node(ref: str, image_id: str) -> float:
         _buildah("push", "--quiet", ref, f"docker-archive:{archive}:{ref}")
         realnode.import_archive(node_bins, archive)
     return time.monotonic() - started
-
-
-def _containerd_image_id(bins: Path, ref: str) -> str | None:
-    """The image (config) digest containerd holds for `ref`, the same ID buildah gives the image."""
-    listing = realnode.ctr(bins, "images", "ls", f"name=={ref}", check=False).stdout.splitlines()[1:]
-    if not listing:
-        return None
-    manifest_digest = listing[0].split()[2]
-    manifest = json.loads(realnode.ctr(bins, "content", "get", manifest_digest).stdout)
-    return str(manifest["config"]["digest"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             built = build(name, base_id)
             how = f"built in {built.seconds:.0f}s" if built.seconds else "current"
-            print(f"{built.ref}: {how}, {built.size_bytes / 2**20:.0f} MiB, {built.image_id}", flush=True)
+            print(f"{built.ref}: {how}, {built.size}, {built.image_id}", flush=True)
             if args.command in ("import", "all"):
                 seconds = import_into_node(built.ref, built.image_id)
                 how = f"imported in {seconds:.0f}s" if seconds else "current"

@@ -172,10 +172,10 @@ imports = []
 root = "{p['root']}"
 state = "{p['state']}"
 
-[grpc]
+[plugins."io.containerd.server.v1.grpc"]
   address = "{p['socket']}"
 
-[ttrpc]
+[plugins."io.containerd.server.v1.ttrpc"]
   address = "{p['socket']}.ttrpc"
 
 [plugins."io.containerd.nri.v1.nri"]
@@ -245,7 +245,9 @@ def _kubelet_config(ports: dict[str, int]) -> dict[str, Any]:
 
 def _node_certificates() -> None:
     pki = _paths()["pki"]
-    if (pki / "complete").exists():
+    # Made anew whenever the cluster's CA is (its certificate's hash is the marker's content).
+    ca_hash = hashlib.sha256((cp.PKI / "ca.crt").read_bytes()).hexdigest()
+    if (pki / "complete").exists() and (pki / "complete").read_text() == ca_hash:
         return
     pki.mkdir(parents=True, exist_ok=True)
     client_ext = "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
@@ -254,7 +256,7 @@ def _node_certificates() -> None:
     # The Node authorizer and NodeRestriction know a kubelet by this identity.
     cp.sign_certificate(pki / "kubelet-client", f"/CN=system:node:{NODE_NAME}/O=system:nodes", client_ext)
     cp.sign_certificate(pki / "kubelet-serving", f"/CN={NODE_NAME}", serving_ext)
-    (pki / "complete").touch()
+    (pki / "complete").write_text(ca_hash)
 
 
 def _write_configs(server: str, ports: dict[str, int]) -> None:
@@ -457,6 +459,8 @@ def _remove_containers(bins: Path) -> None:
         ctr(bins, "tasks", "delete", "--force", task, check=False)
     for container in ctr(bins, "containers", "ls", "-q", check=False).stdout.split():
         ctr(bins, "containers", "delete", container, check=False)
+    for row in ctr(bins, "sandboxes", "ls", check=False).stdout.splitlines()[1:]:  # the CRI's sandbox records
+        ctr(bins, "sandboxes", "rm", "--force", row.split()[0], check=False)
 
 
 def _kill_shims(shim: Path) -> None:
