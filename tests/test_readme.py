@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import yaml
-
 from devkit.paths import REPO_ROOT as REPO
 
 

@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-from devkit import demo
 from devkit.cluster import Cluster
+
+from devkit import demo
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
