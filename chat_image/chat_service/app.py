@@ -12,11 +12,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from . import __version__
+from .apidoc import method_not_allowed
 from .characters import Character, load_characters
 from .config import Settings
 from .deps import Service
+from .engines import EngineUnavailable, create_engine, engine_unavailable, generation_gate
 from .generation import ModelManager
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -43,13 +46,15 @@ def lifespan_for(
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Startup: the store and its schema, then the model in the background. Shutdown: the store's connections."""
     history_token = settings.resolved_history_token()
-    models = ModelManager(settings, characters)
+    models = create_engine(settings, characters)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.database_url)
         await run_in_threadpool(store.create_schema)
-        app.state.service = Service(settings, characters, store, models, metrics, history_token)
+        app.state.service = Service(
+            settings, characters, store, models, metrics, history_token, generation_gate=generation_gate(settings)
+        )
         if history_token is None:
             log.warning("no HISTORY_TOKEN/HISTORY_TOKEN_FILE: GET /v1/history refuses every request")
         if load_model:
@@ -82,6 +87,8 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         per_path={"/v1/history": settings.max_import_bytes},
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, skip=lambda path: path == "/metrics")
+    app.add_exception_handler(EngineUnavailable, engine_unavailable)
+    app.add_exception_handler(HTTPException, method_not_allowed)  # type: ignore[arg-type]
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -62,6 +62,18 @@ class Settings(BaseSettings):
     )
     context_chars: int = Field(1000, ge=0, description="that context is cut to its last this many characters")
     log_level: str = Field("info")
+    engine: Literal["inprocess", "openai"] = Field(
+        "inprocess", description="who generates: this process (transformers + PEFT) or an OpenAI-compatible engine"
+    )
+    engine_url: str | None = Field(
+        None, validate_default=True, description="with engine openai: the engine's base URL (vLLM)"
+    )
+    engine_adapters_root: str = Field(
+        "/adapters", description="where the engine pod mounts the adapter volume (it loads lora_<c>/<version>/)"
+    )
+    engine_base_name: str = Field("base", description="the engine's served model name of the base model")
+    engine_concurrency: int = Field(64, ge=1, description="generations in flight to the engine at once")
+    engine_timeout: float = Field(120.0, gt=0, description="seconds one engine request may take")
 
     @field_validator("device")
     @classmethod
@@ -69,6 +81,13 @@ class Settings(BaseSettings):
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return value
+
+    @field_validator("engine_url")
+    @classmethod
+    def _check_engine_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("engine") == "openai" and not value:
+            raise ValueError("required with CHAT_ENGINE=openai")
+        return value.rstrip("/") if value else value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -32,7 +32,8 @@ class Service:
     # Generations run one at a time (one model). Requests wait for their turn here, on the event loop, instead of
     # each blocking a threadpool thread on the model lock: with 40+ queued chats the pool would otherwise be full,
     # and /readyz or history requests (which need a thread) would stall behind them.
-    generation_gate: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # An upstream engine batches: there the gate is a semaphore of CHAT_ENGINE_CONCURRENCY (engines.generation_gate).
+    generation_gate: asyncio.Lock | asyncio.Semaphore = field(default_factory=asyncio.Lock)
 
     def record(
         self, character: Character, session_id: str, user_text: str, result: GenerationResult
@@ -108,7 +109,7 @@ def serving_for(service: Service, character: Character) -> Serving:
         detail = f"model failed to load: {models.load_error}" if models.load_error else "model is loading"
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail, headers={"Retry-After": "5"})
     adapter = models.adapter_for(character.name)
-    return Serving(character, adapter, prompt_rules(service.settings, character, adapter), models)
+    return Serving(character, adapter, prompt_rules(service.settings, character, adapter, models.chat_template), models)
 
 
 def adapter_status(service: Service, name: str) -> AdapterStatus | None:
