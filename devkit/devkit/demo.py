@@ -1,10 +1,11 @@
 """`make demo`: the whole fine-tuning loop on the local control plane, step by step.
 
-control plane up → CRD, RBAC, operator and chat manifests applied from `deploy/` → the operator runs as a local
-process with its ServiceAccount's token (so its RBAC is exercised for real) → the chat Deployment's pod runs as a local
-process → sample conversations are imported through the chat API → the sample `CharacterFineTune` is applied → a run is
-started now (`kubectl create job --from=cronjob/...`) → the trainer pod runs as a local process → the operator gates,
-promotes and rolls the Deployment → the new chat pod serves the adapter → before/after replies and scores are printed.
+control plane up → CRD, RBAC, operator and chat manifests applied from `deploy/embedded` (deploy/ with one chat
+replica on SQLite instead of PostgreSQL) → the operator runs as a local process with its ServiceAccount's token (so
+its RBAC is exercised for real) → the chat Deployment's pod runs as a local process → sample conversations are
+imported through the chat API → the sample `CharacterFineTune` is applied → a run is started now (`kubectl create
+job --from=cronjob/...`) → the trainer pod runs as a local process → the operator gates, promotes and rolls the
+Deployment → the new chat pod serves the adapter → before/after replies and scores are printed.
 
 Rerunning is safe: every step converges on what is already there, and each run publishes a new adapter version.
 """
@@ -88,7 +89,7 @@ def reset_namespace(cluster: Cluster) -> None:
 
 
 def apply_manifests(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO / "deploy"))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO / "deploy" / "embedded"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/characterfinetunes.llmmultichat.io", "--timeout=60s")
 
 
@@ -236,7 +237,7 @@ def run_demo(cluster: Cluster, workdir: Path, *, sessions: int = 160) -> DemoRes
     step(f"Fresh namespace {NAMESPACE} (a rerun starts over: base model serving, no adapters)")
     reset_namespace(cluster)
 
-    step("CRD, RBAC, operator and chat manifests from deploy/")
+    step("CRD, RBAC, operator and chat manifests from deploy/embedded (one chat replica, SQLite)")
     apply_manifests(cluster)
     token = set_history_token(cluster)
     place_base_model(cluster, model)

@@ -19,6 +19,8 @@ def test_deploy_kustomization_applies_server_side(cluster: Cluster) -> None:
     # The CRD must exist before a server-side dry run of resources that use it; apply it for real first.
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/characterfinetunes.llmmultichat.io", "--timeout=60s")
+    # A dry run creates no namespace, and the namespaced objects need one.
+    cluster.kubectl("apply", "--server-side", "-k", str(REPO / "deploy" / "namespace"))
     out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-k", str(REPO / "deploy"))
     assert "deployment.apps/chat" in out.stdout
 
@@ -26,7 +28,7 @@ def test_deploy_kustomization_applies_server_side(cluster: Cluster) -> None:
 def test_sample_resource_is_accepted(cluster: Cluster) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/characterfinetunes.llmmultichat.io", "--timeout=60s")
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "deploy" / "namespace.yaml"))
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "deploy" / "namespace" / "namespace.yaml"))
     out = cluster.kubectl(
         "apply", "--server-side", "--dry-run=server", "--validate=strict",
         "-f", str(REPO / "deploy" / "samples" / "finetune.yaml"),
