@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     history_token_file: Path | None = Field(
         None, validation_alias="HISTORY_TOKEN_FILE", description="file holding the token (a mounted Secret)"
     )
+    mcp_token: str | None = Field(None, description="bearer token for the MCP endpoint /mcp")
+    mcp_token_file: Path | None = Field(None, description="file holding the MCP token (a mounted Secret)")
     characters_file: Path = Field(DEFAULT_CHARACTERS_FILE, description="JSON file with the character list")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's own")
@@ -100,12 +102,20 @@ class Settings(BaseSettings):
 
     def resolved_history_token(self) -> str | None:
         """The history token: the file (a mounted Secret) wins over the plain variable when both are set."""
-        if self.history_token_file is not None:
-            token = self.history_token_file.read_text(encoding="utf-8").strip()
-            if not token:
-                raise ValueError(f"history token file {self.history_token_file} is empty")
-            return token
-        return self.history_token or None
+        return _token(self.history_token, self.history_token_file, "history")
+
+    def resolved_mcp_token(self) -> str | None:
+        """The MCP endpoint's token, by the same rule (None: /mcp refuses every request)."""
+        return _token(self.mcp_token, self.mcp_token_file, "MCP")
+
+
+def _token(value: str | None, file: Path | None, name: str) -> str | None:
+    if file is not None:
+        token = file.read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"{name} token file {file} is empty")
+        return token
+    return value or None
 
 
 class _MappingEnvSource(EnvSettingsSource):

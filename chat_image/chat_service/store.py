@@ -158,6 +158,11 @@ class VersionFeedback:
         return self.up + self.down
 
 
+def version_order(version: str | None) -> tuple[bool, bool, str]:
+    """Sort key for adapter versions: base first, then by name (UTC start times: oldest first), None last."""
+    return (version is None, version != BASE_VERSION, version or "")
+
+
 class InvalidCursor(ValueError):
     """The history cursor was not produced by this service."""
 
@@ -330,7 +335,7 @@ class Store:
         with Session(self.engine) as session:
             for version, vote, count in session.execute(query):
                 counts.setdefault(version, {"up": 0, "down": 0})[vote] = count
-        order = sorted(counts, key=lambda version: (version is None, version != BASE_VERSION, version or ""))
+        order = sorted(counts, key=version_order)
         return [VersionFeedback(version, counts[version]["up"], counts[version]["down"]) for version in order]
 
 

@@ -3,6 +3,7 @@ service itself on a real port."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -54,6 +55,18 @@ def adapters_root(tmp_path: Path) -> Path:
 def mount_adapter(template: Path, root: Path, character: str) -> Path:
     target = root / f"lora_{character}"
     shutil.copytree(template, target)
+    return target
+
+
+# The metrics block a trained adapter's manifest carries (contract §2), for tests that show it.
+TRAINED_METRICS = {"eval_loss_base": 3.1, "eval_loss_serving": 2.6, "eval_loss_adapter": 2.2, "train_loss": 2.0}
+
+
+def mount_trained_adapter(template: Path, root: Path, character: str) -> Path:
+    """mount_adapter, with the eval metrics in its manifest that the trainer writes."""
+    target = mount_adapter(template, root, character)
+    manifest = json.loads((target / "manifest.json").read_text(encoding="utf-8"))
+    (target / "manifest.json").write_text(json.dumps({**manifest, "metrics": TRAINED_METRICS}), encoding="utf-8")
     return target
 
 
@@ -187,6 +200,8 @@ class Kit:
     serve = staticmethod(serve)
     make_adapter = staticmethod(make_adapter)
     mount_adapter = staticmethod(mount_adapter)
+    mount_trained_adapter = staticmethod(mount_trained_adapter)
+    trained_metrics = TRAINED_METRICS
     new_postgres_database = staticmethod(new_postgres_database)
 
 

@@ -72,3 +72,22 @@ def test_unknown_character_is_404_and_documented(client: httpx.Client) -> None:
     assert operation["responses"]["404"]["description"] == "unknown character"
     schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
     assert schema["$ref"].endswith("/CharacterFeedback")
+
+    assert client.get("/v1/characters/nobody/versions").status_code == 404
+    versions = client.get("/openapi.json").json()["paths"]["/v1/characters/{name}/versions"]["get"]["responses"]
+    assert versions["404"]["description"] == "unknown character"
+
+
+def test_versions_list_the_serving_one_with_its_metrics(client: httpx.Client) -> None:
+    # The fixture's adapter has no metrics in its manifest: the serving version is listed with none.
+    rate(client, reply_id(client), "up")
+    assert client.get("/v1/characters/lumina/versions").json() == {
+        "character": "lumina",
+        "serving_version": "20261126T030000Z",
+        "versions": [
+            {"version": "20261126T030000Z", "serving": True, "metrics": None,
+             "feedback": {"version": "20261126T030000Z", "up": 1, "down": 0, "rated": 1, "down_rate": 0.0}},
+        ],
+    }  # fmt: skip
+    sora = client.get("/v1/characters/sora/versions").json()["versions"]
+    assert sora == [{"version": "base", "serving": True, "metrics": None, "feedback": None}]

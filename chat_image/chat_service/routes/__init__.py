@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import characters, chat, feedback, history, openai, ops
+from ..mcp import http as mcp_http
+from . import characters, chat, feedback, history, openai, ops, versions, web
 
 ROUTERS: tuple[APIRouter, ...] = (
     chat.router,
     openai.router,
     characters.router,
     feedback.router,
+    versions.router,
     history.router,
     ops.router,
+    mcp_http.router,
+    web.router,
 )
