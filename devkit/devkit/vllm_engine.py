@@ -8,7 +8,8 @@ its own venv (``devkit/vllm/install.sh``; it pins a different transformers than 
     with VllmServer(model_dir) as engine:     # installs if needed, starts, waits for /health
         httpx.post(f"{engine.url}/v1/load_lora_adapter", json={...})
 
-``python -m devkit.vllm_engine --model DIR`` runs one in the foreground and prints its URL.
+``build_tiny_llama`` and ``build_adapter`` make a random-init Llama (head_dim 64, which vLLM's CPU attention needs) and
+PEFT adapters for it. ``python -m devkit.vllm_engine --model DIR`` runs an engine in the foreground.
 """
 
 from __future__ import annotations
@@ -121,6 +122,80 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+# vLLM's CPU attention supports head_dim 64 (not 16); the vocabulary is kept tiny so the model builds in a second.
+TOKENIZER_TEXT = [
+    "Instruction: hello there\nInput: \nOutput: hi, how are you today?",
+    "Instruction: what is the weather like?\nInput: user: good morning\nOutput: sunny and warm, a good day.",
+    "こんにちは、元気ですか。今日はいい天気ですね。",
+]
+
+
+def build_tiny_llama(directory: Path, *, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
+    """A random-init LlamaForCausalLM (`layers` layers, `heads` heads of 64) with a byte-level BPE tokenizer, saved
+    with save_pretrained so that vLLM and transformers load it like any checkpoint. For tests and benchmarks of the
+    engine until the embedded model is a Llama; replies are noise, the serving mechanics are real."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TOKENIZER_TEXT * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        model_max_length=256,
+        clean_up_tokenization_spaces=False,
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64 * heads,
+        intermediate_size=128 * heads,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=64,
+        max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def build_adapter(base_model: Path, directory: Path, *, seed: int) -> Path:
+    """A real PEFT LoRA adapter (rank 8 on q_proj/v_proj), with random non-zero A and B so it changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.5)
+    peft_model.save_pretrained(directory)
+    return directory
 
 
 class VllmServer:

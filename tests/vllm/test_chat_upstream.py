@@ -133,7 +133,7 @@ def test_streamed_reply_is_the_stored_reply(chat: TestClient, version: str) -> N
     assert text == plain["choices"][0]["message"]["content"]  # greedy: the same reply, streamed or not
 
 
-def test_an_adapter_the_engine_refuses_is_a_clean_503(
+def test_an_adapter_the_engine_refuses_is_reported_and_its_character_serves_base(
     engine: VllmServer, tiny_llama: Path, adapter_volume: AdapterVolume, version: str, tmp_path: Path
 ) -> None:
     # Valid for PEFT (the chat pod accepts it), but rank 64 is above the engine's --max-lora-rank.
@@ -150,13 +150,15 @@ def test_an_adapter_the_engine_refuses_is_a_clean_503(
     unload_everything(engine)
     settings = settings_for(engine, tiny_llama, tmp_path / "volume", mounts, tmp_path)
     with TestClient(create_app(settings)) as client:
-        while client.get("/readyz").status_code != 200:
+        while (ready := client.get("/readyz")).status_code != 200:
             time.sleep(0.5)
-        refused = client.post("/v1/chat", json={"character": "lumina", "message": "hi", "temperature": 0})
-        assert refused.status_code == 503
-        assert refused.headers["Retry-After"] == "5"
-        assert "rank" in refused.json()["detail"].lower()  # vLLM's own reason
-        assert client.post("/v1/chat", json={"character": "sora", "message": "hi"}).status_code == 200
+        lumina = ready.json()["characters"]["lumina"]
+        assert (lumina["state"], lumina["reason"], lumina["serving"]) == ("failed", "engine_refused", "base")
+        assert "rank" in lumina["error"].lower()  # vLLM's own reason
+        reply = client.post("/v1/chat", json={"character": "lumina", "message": "hi", "temperature": 0})
+        assert reply.status_code == 200
+        assert reply.json()["adapter_version"] == "base"  # honest: the base model answered
+    assert f"lumina-{version}" not in engine_models(engine)
 
 
 def test_a_restarted_engine_serves_the_current_version_again(

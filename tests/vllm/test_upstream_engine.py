@@ -47,9 +47,9 @@ class FakeEngine:
         return httpx.Response(200, json={"model": body["model"], "choices": [choice]})
 
 
-def engine_for(settings: Settings, fake: Handler) -> UpstreamEngine:
+def engine_for(settings: Settings, fake: Handler, characters: dict[str, Character] | None = None) -> UpstreamEngine:
     client = httpx.Client(base_url="http://engine", transport=httpx.MockTransport(fake))
-    engine = UpstreamEngine(settings, {}, client=client)
+    engine = UpstreamEngine(settings, characters or {}, client=client)
     engine.load()
     return engine
 
@@ -101,6 +101,23 @@ def test_a_refused_load_raises_with_the_engine_message(settings: Settings) -> No
     engine = engine_for(settings, FakeEngine(load_error="LoRA rank 64 is greater than max_lora_rank 16"))
     with pytest.raises(EngineUnavailable, match="max_lora_rank 16"):
         ask(engine, settings, "lumina")
+
+
+def test_mounted_versions_are_loaded_at_start_and_a_refusal_is_reported(
+    settings: Settings, adapter_volume: Any
+) -> None:
+    characters = {n: Character(name=n, display_name=n) for n in ("lumina", "sora")}
+    fake = FakeEngine()
+    engine = engine_for(settings, fake, characters)
+    assert f"lumina-{adapter_volume.version}" in fake.loaded
+    assert engine.adapter_for("lumina").state == "loaded"
+    assert engine.adapter_for("sora").state == "absent"
+
+    engine = engine_for(settings, FakeEngine(load_error="LoRA rank 64 is greater than max_lora_rank 16"), characters)
+    lumina = engine.adapter_for("lumina")
+    assert (lumina.state, lumina.reason, lumina.serving_version) == ("failed", "engine_refused", "base")
+    assert "max_lora_rank 16" in (lumina.error or "")
+    assert engine.model_name(lumina) == "base"
 
 
 def test_an_unreachable_engine_is_unavailable_not_a_crash(settings: Settings) -> None:

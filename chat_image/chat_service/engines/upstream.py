@@ -5,9 +5,10 @@ ids, so the engine sees exactly the sequence the adapter was trained on; it deco
 same tokenizer as the in-process engine. A character with an adapter is served under the version-unique name
 `<character>-<version>`: a name never stands for two sets of weights (vLLM caches by name, vLLM #42125).
 
-The operator loads a new version into the engine before it switches this service to it. If the engine does not know
-the name (it restarted, or scaled up), this service loads it from `CHAT_ENGINE_ADAPTERS_ROOT/lora_<c>/<version>` and
-retries once, so a restarted engine serves the current versions again without anyone's help.
+At start the service loads every mounted version into the engine from `CHAT_ENGINE_ADAPTERS_ROOT/lora_<c>/<version>`
+(the adapter volume as the engine pod mounts it); one the engine refuses is reported as failed and its character
+serves the base model, as in-process. When the engine does not know a name later (it restarted, or scaled up), the
+service loads it again and retries once, so a restarted engine serves the current versions without anyone's help.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ import httpx
 
 from ..characters import Character
 from ..config import Settings
-from ..generation import AdapterStatus, GenerationResult, ModelManager, StreamHandle, read_adapter
+from ..generation import (
+    AdapterError,
+    AdapterStatus,
+    GenerationResult,
+    ModelManager,
+    StreamHandle,
+    mark_failed,
+    read_adapter,
+)
+from ..model_source import load_options
 from ..prompting import Prompt
 from . import EngineUnavailable
 
@@ -49,12 +59,15 @@ class UpstreamEngine(ModelManager):
         """The tokenizer and the adapters' manifests (no weights: the engine holds them); then wait for the engine."""
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.settings.base_model)
+        base = self.settings.base_model
+        self.tokenizer = AutoTokenizer.from_pretrained(base, **load_options(base))
         for name in self.characters:
             self.adapters[name] = read_adapter(
                 self.settings.adapters_root / f"lora_{name}", name, self.settings.base_model, self.chat_template
             )
         self.max_positions = self._wait_for_engine()
+        for status in self.adapters.values():
+            self._preload(status)
         self.loaded = True
         log.info(
             "engine %s serves %s (max_model_len %s); adapters: %s",
@@ -86,6 +99,17 @@ class UpstreamEngine(ModelManager):
                 f"it serves {sorted(models)}"
             )
         return base.get("max_model_len")
+
+    def _preload(self, adapter: AdapterStatus) -> None:
+        """Load a mounted version into the engine now, so the first reply does not wait for it and an adapter the
+        engine refuses is reported like one this process could not load: the character serves the base model and
+        /readyz says why (in vLLM's words)."""
+        if adapter.state != "loaded":
+            return
+        try:
+            self.load_into_engine(adapter)
+        except EngineUnavailable as exc:
+            mark_failed(adapter, AdapterError("engine_refused", str(exc)))
 
     # ---------------------------------------------------------------- generation
 
@@ -165,7 +189,7 @@ class UpstreamEngine(ModelManager):
         """Load `adapter`'s version into the engine from the adapter volume as the engine pod mounts it."""
         name = self.model_name(adapter)
         path = f"{self.settings.engine_adapters_root.rstrip('/')}/lora_{adapter.character}/{adapter.version}"
-        log.info("engine does not serve %s: loading it from %s", name, path)
+        log.info("loading %s into the engine from %s", name, path)
         response = self._send(
             lambda: self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
         )
