@@ -1,8 +1,11 @@
 """The project's three images, built here from their Dockerfiles and imported into the real node's containerd.
 
 No Docker engine and no registry: `buildah bud --isolation chroot` builds each Dockerfile on the local Debian base
-(devkit/base-image/build.sh, passed as BASE_IMAGE), with pip's downloads cached outside the clone
-(`~/.cache/llmmultichat/pip`, mounted at /root/.cache/pip in the builder stage). Each image is tagged with exactly the
+(devkit/base-image/build.sh, passed as BASE_IMAGE). pip's downloads are a wheelhouse outside the clone
+(`~/.cache/llmmultichat/wheels`, filled by `pip download` here with the same constraints): the builder stage installs
+from it only (a pip.conf mounted for the build says `no-index`), so torch's ~3 GB come down once for both images,
+and a rebuild downloads nothing. (pip's own HTTP cache stores nothing here: the proxy's responses are not
+cacheable.) Each image is tagged with exactly the
 name and tag deploy/ uses (devkit.image_tags, from deploy/kustomization.yaml), as the kubelet spells it
 (`docker.io/llmmultichat/chat:<tag>`), and imported into containerd's `k8s.io` namespace through a docker-archive
 (uncompressed: no gzip of gigabytes on two cores).
@@ -19,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -105,6 +109,26 @@ def build_base() -> str:
     return str(info["FromImageID"])
 
 
+def fill_wheelhouse(dockerfile: Path) -> Path:
+    """Downloads (once) every wheel the Dockerfile's pip installs need: its requirements under constraints.txt, the
+    pip it pins and setuptools for building the package. This interpreter is Python 3.11 on Linux x86_64, as the
+    image's is."""
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    text = dockerfile.read_text(encoding="utf-8")
+    pins = re.findall(r"\bpip==[\w.]+", text)
+    requirements = [arg for source in _copied_sources(dockerfile) if source.name == "requirements.txt"
+                    for arg in ("-r", str(source))]
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+                             "--dest", str(wheels), "-c", str(REPO_ROOT / "constraints.txt"), *pins,
+                             "setuptools>=68", *requirements], stdout=sys.stderr)
+    if result.returncode != 0:
+        raise cp.ClusterError(f"pip download for {dockerfile.relative_to(REPO_ROOT)} failed (exit {result.returncode})")
+    pip_conf = cache_dir() / "wheelhouse-pip.conf"
+    pip_conf.write_text("[global]\nno-index = true\nfind-links = /wheels\n")
+    return wheels
+
+
 def build(name: str, base_id: str) -> Built:
     ref = reference(name)
     dockerfile = DOCKERFILES[name]
@@ -112,16 +136,16 @@ def build(name: str, base_id: str) -> Built:
     info = _inspect(ref)
     if info and _label(info, HASH_LABEL) == wanted:
         return Built(ref, str(info["FromImageID"]), _size(ref), 0.0)
-    pip_cache = cache_dir() / "pip"
-    pip_cache.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    wheels = fill_wheelhouse(dockerfile)
     cp.log(f"building {ref} from {dockerfile.relative_to(REPO_ROOT)} (content {wanted})")
     # The build trusts what this machine trusts (a TLS-inspecting proxy's CA, say): the host's CA bundle is mounted
     # over the base's for the RUN steps only, never committed to the image.
     trust = ["--volume", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"] if Path(HOST_CA_BUNDLE).is_file() else []
     result = subprocess.run(
         ["buildah", "bud", "--isolation", "chroot", "--layers=false", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-         "--volume", f"{pip_cache}:/root/.cache/pip", *trust, "--label", f"{HASH_LABEL}={wanted}",
+         "--volume", f"{wheels}:/wheels:ro", "--volume", f"{cache_dir() / 'wheelhouse-pip.conf'}:/etc/pip.conf:ro",
+         *trust, "--label", f"{HASH_LABEL}={wanted}",
          "-f", str(dockerfile), "-t", ref, str(REPO_ROOT)], stdout=sys.stderr)
     if result.returncode != 0:
         raise cp.ClusterError(f"buildah bud {dockerfile.relative_to(REPO_ROOT)} failed (exit {result.returncode})")
@@ -170,10 +194,18 @@ def import_into_node(ref: str, image_id: str) -> float:
     if held and held[1] == f"sha256:{image_id}":
         return 0.0
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="llmmc-image-", dir=cache_dir()) as tmp:
-        archive = Path(tmp) / "image.tar"
-        _buildah("push", "--quiet", ref, f"docker-archive:{archive}:{ref}")
-        realnode.import_archive(node_bins, archive)
+    # Streamed through a FIFO: gigabytes are not written to disk and read back once more on the way.
+    with tempfile.TemporaryDirectory(prefix="llmmc-image-") as tmp:
+        fifo = Path(tmp) / "image.tar"
+        os.mkfifo(fifo)
+        push = subprocess.Popen(["buildah", "push", "--quiet", ref, f"docker-archive:{fifo}:{ref}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            realnode.import_archive(node_bins, fifo)
+        finally:
+            _, push_errors = push.communicate(timeout=120)
+        if push.returncode != 0:
+            raise cp.ClusterError(f"buildah push {ref} failed (exit {push.returncode}): {push_errors.strip()}")
     return time.monotonic() - started
 
 
