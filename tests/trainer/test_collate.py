@@ -1,4 +1,5 @@
-"""Tokenization: loss only on the reply, dynamic padding, truncation."""
+"""Tokenization: loss only on the reply, dynamic padding, truncation (the spec's Alpaca format here; the chat template
+in test_prompt.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from training.collate import IGNORE_INDEX, CompletionCollator, tokenize_example
-from training.prompt import PROMPT_TEMPLATE
+from training.prompt import ALPACA, PROMPT_TEMPLATE
 from transformers import AutoTokenizer
 
 
@@ -19,7 +20,7 @@ RECORD = {"instruction": "機械学習について教えてください", "input
 
 
 def test_labels_cover_exactly_the_reply_and_eos(tokenizer) -> None:
-    feature = tokenize_example(RECORD, tokenizer, 512)
+    feature = tokenize_example(RECORD, tokenizer, 512, prompt_format=ALPACA)
     prompt_ids = tokenizer(PROMPT_TEMPLATE.format(instruction=RECORD["instruction"], input=""),
                            add_special_tokens=False)["input_ids"]
     n = len(prompt_ids)
@@ -28,13 +29,13 @@ def test_labels_cover_exactly_the_reply_and_eos(tokenizer) -> None:
     assert feature["labels"][n:] == feature["input_ids"][n:]
     assert feature["input_ids"][-1] == tokenizer.eos_token_id
     assert tokenizer.decode(feature["input_ids"][n:-1]) == RECORD["output"]
-    whole = tokenize_example(RECORD, tokenizer, 512, loss_on_prompt=True)
+    whole = tokenize_example(RECORD, tokenizer, 512, prompt_format=ALPACA, loss_on_prompt=True)
     assert whole["labels"] == whole["input_ids"]
 
 
 def test_truncation_keeps_prompt_tail_and_reply_start(tokenizer) -> None:
     long = {"instruction": "猫 " * 200, "input": "", "output": "ルミナだよ☆ " * 50}
-    feature = tokenize_example(long, tokenizer, 64)
+    feature = tokenize_example(long, tokenizer, 64, prompt_format=ALPACA)
     assert len(feature["input_ids"]) == 64
     n_prompt = sum(1 for label in feature["labels"] if label == IGNORE_INDEX)
     assert n_prompt == 32

@@ -10,8 +10,8 @@ from training.lora_tuning import CharacterFineTuning, build_parser, parse_config
 FLAGS = [
     "--character", "--base-model", "--history-url", "--history-file", "--days", "--min-examples", "--max-examples",
     "--epochs", "--batch-size", "--gradient-accumulation-steps", "--learning-rate", "--max-length", "--lora-r",
-    "--lora-alpha", "--lora-dropout", "--target-modules", "--context-turns", "--eval-fraction", "--output-root",
-    "--serving-version", "--keep-versions", "--result-file", "--seed", "--log-level",
+    "--lora-alpha", "--lora-dropout", "--target-modules", "--context-turns", "--persona", "--eval-fraction",
+    "--output-root", "--serving-version", "--keep-versions", "--result-file", "--seed", "--log-level",
 ]
 REQUIRED = ["--character", "lumina", "--history-file", "lumina.jsonl"]
 

@@ -9,7 +9,7 @@ from training import __version__
 from training.config import TrainerConfig
 from training.data import DROP_REASONS, Example, PreparedData
 from training.manifest import build_manifest
-from training.prompt import PROMPT_TEMPLATE, render_prompt
+from training.prompt import ALPACA, PromptFormat
 
 STARTED = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
 
@@ -18,7 +18,11 @@ def example(session: str, minute: int) -> Example:
     return Example("こんにちは", "", "ルミナだよ☆", session, STARTED - timedelta(days=3, minutes=minute))
 
 
-def manifest_for(config: TrainerConfig, target_modules: object = frozenset({"c_proj", "c_attn"})) -> dict:
+COMPATIBILITY = {"vllm": {"compatible": False, "reasons": ["architecture GPT2LMHeadModel: ..."], "max_lora_rank": 16}}
+
+
+def manifest_for(config: TrainerConfig, target_modules: object = frozenset({"c_proj", "c_attn"}),
+                 prompt: PromptFormat = ALPACA) -> dict:
     data = PreparedData(
         messages=17,
         dropped=dict.fromkeys(DROP_REASONS, 0) | {"thumbs_down": 2},
@@ -29,7 +33,8 @@ def manifest_for(config: TrainerConfig, target_modules: object = frozenset({"c_p
     samples = [{"instruction": "こんにちは", "reference": "ルミナだよ☆", "before": "…", "after": "ルミナ"}]
     return build_manifest(config, data, version="20261126T030000Z", started=STARTED, target_modules=target_modules,
                           steps=12, tokens=3456, metrics=metrics, samples=samples,
-                          created_at=datetime(2026, 11, 26, 3, 9, 30, 123456, tzinfo=UTC))
+                          created_at=datetime(2026, 11, 26, 3, 9, 30, 123456, tzinfo=UTC),
+                          prompt=prompt.manifest(), compatibility=COMPATIBILITY)
 
 
 def test_manifest_records_the_run() -> None:
@@ -40,7 +45,7 @@ def test_manifest_records_the_run() -> None:
     assert json.loads(json.dumps(manifest, ensure_ascii=False)) == manifest  # JSON as written to manifest.json
     assert {k: manifest[k] for k in ("schema_version", "character", "version", "base_model", "trainer_version",
                                      "created_at")} == {
-        "schema_version": 1, "character": "lumina", "version": "20261126T030000Z", "base_model": "/models/base",
+        "schema_version": 2, "character": "lumina", "version": "20261126T030000Z", "base_model": "/models/base",
         "trainer_version": __version__, "created_at": "2026-11-26T03:09:30Z"}
     assert manifest["data"] == {
         "window_start": "2026-11-19T03:00:00.000000Z", "window_end": "2026-11-26T03:00:00.000000Z", "messages": 17,
@@ -50,14 +55,17 @@ def test_manifest_records_the_run() -> None:
     assert manifest["training"] == {"epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 2,
                                     "learning_rate": 1e-3, "max_length": 256, "seed": 7, "steps": 12, "tokens": 3456}
     assert manifest["metrics"]["eval_loss_adapter"] == 3.9 and len(manifest["samples"]) == 1
+    assert manifest["compatibility"] == COMPATIBILITY
 
 
-def test_manifest_prompt_template_is_the_one_rendered_for_training() -> None:
-    manifest = manifest_for(TrainerConfig(character="lumina"))
-    assert manifest["prompt_template"] == PROMPT_TEMPLATE
-    record = {"instruction": "こんにちは", "input": "user: やあ"}
-    assert manifest["prompt_template"].format(**record) == render_prompt(record) == (
-        "Instruction: こんにちは\nInput: user: やあ\nOutput: ")
+def test_manifest_records_the_prompt_format_it_was_trained_with() -> None:
+    config = TrainerConfig(character="lumina")
+    assert manifest_for(config)["prompt"] == {"format": "alpaca",
+                                              "template": "Instruction: {instruction}\nInput: {input}\nOutput: "}
+    chat = PromptFormat("chat_template", system="あなたはルミナ。", template_sha256="ab" * 32)
+    assert manifest_for(config, prompt=chat)["prompt"] == {"format": "chat_template", "system": "あなたはルミナ。",
+                                                           "template_sha256": "ab" * 32}
+    assert "prompt_template" not in manifest_for(config)  # schema version 1's field
 
 
 def test_target_modules_given_as_one_name_stay_as_given() -> None:

@@ -66,9 +66,17 @@ def test_result_json_fits_4096_bytes_and_keeps_its_shape() -> None:
     skipped = json.loads(Result("skipped", "lumina", examples={"pairs": 42},
                                 reason="too little data: 42 < 100 examples").to_json())
     assert skipped == {"outcome": "skipped", "character": "lumina", "version": None, "path": None,
-                       "serving_version": None, "examples": {"pairs": 42}, "metrics": {},
+                       "serving_version": None, "examples": {"pairs": 42}, "metrics": {}, "compatibility": {},
                        "reason": "too little data: 42 < 100 examples", "trainer_version": "0.1.0"}
     assert Result("skipped", "lumina").exit_code == 0
+    # The largest verdict the check writes (4 reasons of 160 characters) leaves room for everything else.
+    verdict = {"vllm": {"compatible": False, "reasons": ["理由" * 80] * 4, "max_lora_rank": None}}
+    metrics = dict.fromkeys(("eval_loss_base", "eval_loss_serving", "eval_loss_adapter", "train_loss",
+                             "tokens_per_second", "duration_seconds"), 123456.789012)
+    trained = Result("trained", "a" * 63, version="20261126T030000Z", path="lora_x/20261126T030000Z",
+                     serving_version="20261026T030000Z", examples={"pairs": 9, "train": 8, "eval": 1},
+                     metrics=metrics, compatibility=verdict)
+    assert json.loads(trained.to_json())["compatibility"] == verdict
 
 
 def test_check_writable_refuses_existing_versions_and_unwritable_volumes(tmp_path: Path) -> None:

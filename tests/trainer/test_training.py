@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from training.compat import vllm_compatibility
 from training.lora_tuning import CharacterFineTuning
 from training.pipeline import RunReport
-from training.prompt import PROMPT_TEMPLATE
+from training.prompt import prompt_format_for
 from training.publish import list_versions
+from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -55,15 +57,19 @@ def test_new_adapter_is_clearly_better_than_base_on_held_out_sessions(first_run:
     assert m["tokens_per_second"] > 0 and m["train_loss"] > 0
 
 
-def test_published_version_follows_the_contract(first_run: RunReport) -> None:
+def test_published_version_follows_the_contract(first_run: RunReport, base_model_dir: Path) -> None:
     assert first_run.version == "20261126T030000Z"
     assert first_run.path.name == first_run.version and first_run.path.parent.name == "lora_lumina"
     assert sorted(p.name for p in first_run.path.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "eval_data.json", "manifest.json", "train_data.json"]
     manifest = json.loads((first_run.path / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["schema_version"] == 1 and manifest["character"] == "lumina"
+    assert manifest["schema_version"] == 2 and manifest["character"] == "lumina"
     assert manifest["version"] == first_run.version
-    assert manifest["prompt_template"] == PROMPT_TEMPLATE == "Instruction: {instruction}\nInput: {input}\nOutput: "
+    # The base model's own format; a history file gives no persona.
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    assert manifest["prompt"] == prompt_format_for(tokenizer).manifest()
+    assert manifest["compatibility"] == first_run.compatibility
+    assert set(first_run.compatibility["vllm"]) == set(vllm_compatibility({"r": 8}, None, {}))
     assert manifest["lora"] == {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["c_attn"]}
     assert manifest["data"]["window_start"] == "2026-10-27T03:00:00.000000Z"
     assert manifest["data"]["window_end"] == "2026-11-26T03:00:00.000000Z"

@@ -1,6 +1,7 @@
 """Tokenize Alpaca records for causal-LM fine-tuning and batch them.
 
-Each example is the rendered prompt (``training.prompt``) + output + EOS. Labels are ``-100`` on the prompt (and on
+Each example is the prompt and the reply as ``training.prompt`` builds them (the chat template, or the spec's Alpaca
+text; the reply ends with EOS). Labels are ``-100`` on the prompt (and on
 padding), so the loss is only on the reply the character should produce. Batches are padded to their longest member,
 not to ``max_length``; on chat data (short, similar lengths) that leaves about a quarter of a random batch as padding.
 
@@ -17,35 +18,33 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .prompt import PROMPT_TEMPLATE, render_prompt
+from .prompt import PromptFormat, ids, prompt_format_for, prompt_ids, render_prompt, reply_ids
 
 IGNORE_INDEX = -100
 
 
 def tokenize_example(
-    record: Mapping[str, str],
+    record: Mapping[str, Any],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     *,
-    prompt_template: str = PROMPT_TEMPLATE,
+    prompt_format: PromptFormat | None = None,
     loss_on_prompt: bool = False,
 ) -> dict[str, list[int]]:
-    """Token ids and labels for one record.
+    """Token ids and labels for one record, in ``prompt_format`` (default: the tokenizer's own, without a persona).
 
-    Too long for ``max_length``: the prompt keeps at most half of the budget (its *last* tokens, nearest the reply)
-    and the reply is cut at the end, so every example still teaches at least the start of a reply.
+    Too long for ``max_length``: the prompt keeps at most half of the budget (earlier turns and then the persona go
+    first; then its *last* tokens, nearest the reply) and the reply is cut at the end, so every example still teaches
+    at least the start of a reply.
     """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; replies could not end")
-    prompt = render_prompt(record, prompt_template)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    reply_ids = [*tokenizer(record["output"], add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-    if len(prompt_ids) + len(reply_ids) > max_length:
-        prompt_budget = min(len(prompt_ids), max(1, max_length // 2))
-        prompt_ids = prompt_ids[len(prompt_ids) - prompt_budget :]
-        reply_ids = reply_ids[: max_length - len(prompt_ids)]
-    input_ids = prompt_ids + reply_ids
-    labels = list(input_ids) if loss_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + reply_ids
+    fmt = prompt_format or prompt_format_for(tokenizer)
+    prompt = render_prompt(record, fmt, tokenizer)
+    head, reply = ids(tokenizer, prompt), reply_ids(record, fmt, tokenizer, prompt)
+    if len(head) + len(reply) > max_length:
+        head = prompt_ids(record, fmt, tokenizer, budget=min(len(head), max(1, max_length // 2)))
+        reply = reply[: max_length - len(head)]
+    input_ids = head + reply
+    labels = list(input_ids) if loss_on_prompt else [IGNORE_INDEX] * len(head) + reply
     return {"input_ids": input_ids, "labels": labels, "length": len(input_ids)}
 
 

@@ -66,7 +66,11 @@ class TrainerConfig:
     lora_dropout: float = knob(0.1, "LoRA dropout", parse=float)
     target_modules: str | Sequence[str] | None = knob(
         "auto", "comma-separated module names, or 'auto' to pick them for the architecture")
-    context_turns: int = knob(0, "earlier turns of the session put into the Alpaca 'input' (0: none)", parse=int)
+    context_turns: int = knob(
+        0, "earlier turns of the session in the prompt: the Alpaca 'input', or chat turns (0: none)", parse=int)
+    persona: str | None = knob(
+        None, "system turn of chat-template prompts; none: the character's persona as the chat service lists it "
+        "(GET /v1/characters) with --history-url, else no system turn")
     eval_fraction: float = knob(0.1, "share of sessions held out for evaluation (by session hash)", parse=float)
     # The spec saves under ./models; the pod's adapter volume is mounted at /adapters (contract §4).
     output_root: str | Path = knob(  # noqa: RUF009

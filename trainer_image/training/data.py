@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from .prompt import context_within
+
 # Context in the Alpaca `input` is cut to its last this many characters; the chat service cuts the same way
 # (CHAT_CONTEXT_CHARS, default 1000), and the manifest records it.
 CONTEXT_CHARS = 1000
@@ -56,9 +58,14 @@ class Example:
     output: str
     session_id: str
     created_at: datetime
+    # The context as turns, for chat-template prompts (training.prompt); `input` is the same context as text.
+    history: tuple[tuple[str, str], ...] = ()
 
-    def alpaca(self) -> dict[str, str]:
-        return {"instruction": self.instruction, "input": self.input, "output": self.output}
+    def alpaca(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"instruction": self.instruction, "input": self.input, "output": self.output}
+        if self.history:
+            record["history"] = [{"role": role, "content": content} for role, content in self.history]
+        return record
 
 
 @dataclass
@@ -79,10 +86,10 @@ class PreparedData(NamedTuple):
     train: list[Example]
     held_out: list[Example]
 
-    def train_records(self) -> list[dict[str, str]]:
+    def train_records(self) -> list[dict[str, Any]]:
         return [e.alpaca() for e in self.train]
 
-    def eval_records(self) -> list[dict[str, str]]:
+    def eval_records(self) -> list[dict[str, Any]]:
         return [e.alpaca() for e in self.held_out]
 
 
@@ -196,8 +203,11 @@ def _pair_session(
                 dropped["empty"] += 1
             else:
                 context = _context_text(history[-context_turns:], context_chars) if context_turns > 0 else ""
+                recent = history[-context_turns:] if context_turns > 0 else []
+                turns = context_within([{"role": m.role, "content": m.content} for m in recent], context_turns,
+                                       context_chars)
                 pairs.append(Example(pending.content, context, message.content, message.session_id,
-                                     pending.created_at))
+                                     pending.created_at, tuple((t["role"], t["content"]) for t in turns)))
             if pending is not None:
                 _remember(history, pending)
                 pending = None

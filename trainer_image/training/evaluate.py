@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .collate import IGNORE_INDEX, tokenize_example
-from .prompt import PROMPT_TEMPLATE, render_prompt
+from .prompt import PromptFormat, ids, prompt_format_for, render_prompt
 from .train import choose_precision, make_collator
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,11 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
 def eval_loss(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    records: Sequence[Mapping[str, str]],
+    records: Sequence[Mapping[str, Any]],
     *,
     max_length: int = 512,
     batch_size: int = 8,
-    prompt_template: str = PROMPT_TEMPLATE,
+    prompt_format: PromptFormat | None = None,
 ) -> float:
     """Mean cross-entropy per reply token over all ``records``.
 
@@ -45,7 +45,7 @@ def eval_loss(
     """
     if not records:
         raise ValueError("no evaluation records")
-    features = [tokenize_example(r, tokenizer, max_length, prompt_template=prompt_template) for r in records]
+    features = [tokenize_example(r, tokenizer, max_length, prompt_format=prompt_format) for r in records]
     features.sort(key=lambda f: f["length"])  # similar lengths together: little padding
     collate = make_collator(tokenizer, max_length)
     device = next(model.parameters()).device
@@ -74,13 +74,14 @@ def eval_loss(
 def sample_replies(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    records: Sequence[Mapping[str, str]],
+    records: Sequence[Mapping[str, Any]],
     *,
     max_new_tokens: int = 40,
     max_chars: int = 160,
-    prompt_template: str = PROMPT_TEMPLATE,
+    prompt_format: PromptFormat | None = None,
 ) -> list[str]:
     """Greedy replies (deterministic, so before/after differ only because of the adapter), cut to ``max_chars``."""
+    fmt = prompt_format or prompt_format_for(tokenizer)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
@@ -88,17 +89,17 @@ def sample_replies(
     replies = []
     try:
         for record in records:
-            prompt = render_prompt(record, prompt_template)
-            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+            prompt = torch.tensor([ids(tokenizer, render_prompt(record, fmt, tokenizer))], device=device)
             with _autocast(device):
                 out = model.generate(
-                    **ids,
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=pad_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )
-            text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            text = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
             replies.append(text[:max_chars])
     finally:
         model.train(was_training)
@@ -115,15 +116,15 @@ def adapter_disabled(model: PreTrainedModel) -> Iterator[None]:
 def held_out_losses(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
-    records: Sequence[Mapping[str, str]],
+    records: Sequence[Mapping[str, Any]],
     *,
     serving_path: Path | None,
     max_length: int = 512,
-    prompt_template: str = PROMPT_TEMPLATE,
+    prompt_format: PromptFormat | None = None,
 ) -> dict[str, float | None]:
     """Eval loss of the base model, of the serving adapter at ``serving_path`` (``None`` when there is none or it
     cannot be loaded) and of the new adapter (a peft model's ``default``), on the same records."""
-    kwargs: dict[str, Any] = {"max_length": max_length, "prompt_template": prompt_template}
+    kwargs: dict[str, Any] = {"max_length": max_length, "prompt_format": prompt_format}
     adapter = eval_loss(model, tokenizer, records, **kwargs)
     with adapter_disabled(model):
         base = eval_loss(model, tokenizer, records, **kwargs)
@@ -140,7 +141,7 @@ def held_out_losses(
 def _serving_loss(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
-    records: Sequence[Mapping[str, str]],
+    records: Sequence[Mapping[str, Any]],
     path: Path,
     kwargs: dict[str, Any],
 ) -> float | None:
@@ -164,15 +165,15 @@ def _serving_loss(
 def before_after_samples(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
-    records: Sequence[Mapping[str, str]],
+    records: Sequence[Mapping[str, Any]],
     *,
-    prompt_template: str = PROMPT_TEMPLATE,
+    prompt_format: PromptFormat | None = None,
 ) -> list[dict[str, str]]:
     """Greedy replies of the base model and of the adapter to the first few records, for people to read."""
     chosen = records[:SAMPLE_COUNT]
     with adapter_disabled(model):
-        before = sample_replies(model, tokenizer, chosen, prompt_template=prompt_template)
-    after = sample_replies(model, tokenizer, chosen, prompt_template=prompt_template)
+        before = sample_replies(model, tokenizer, chosen, prompt_format=prompt_format)
+    after = sample_replies(model, tokenizer, chosen, prompt_format=prompt_format)
     return [
         {"instruction": r["instruction"][:160], "reference": r["output"][:160], "before": b, "after": a}
         for r, b, a in zip(chosen, before, after, strict=True)

@@ -123,6 +123,29 @@ class HistoryClient:
         return messages
 
 
+def fetch_persona(base_url: str, character: str, *, timeout: float = 30.0) -> str:
+    """The character's persona from the chat service's ``GET /v1/characters`` (contract §1): the system turn the
+    trainer renders chat-template prompts with. A service without that endpoint (404) or without the character in it
+    gives no persona; any other failure is a ``HistoryError``."""
+    url = f"{base_url.rstrip('/')}/v1/characters"
+    try:
+        response = httpx.get(url, timeout=timeout, headers={"Accept": "application/json"})
+    except (httpx.TimeoutException, httpx.TransportError) as exc:
+        raise HistoryError(f"characters API at {url}: {type(exc).__name__}: {exc}") from exc
+    if response.status_code == 404:
+        log.warning("%s answers 404; training without a persona", url)
+        return ""
+    if response.status_code != 200:
+        raise HistoryError(f"characters API at {url} answered {response.status_code}: {response.text[:300]}")
+    try:
+        listed = {c["name"]: c.get("persona") or "" for c in response.json()["characters"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HistoryError(f"characters API at {url} returned no 'characters' list of objects with names") from exc
+    if character not in listed:
+        log.warning("%s does not list %r; training without a persona", url, character)
+    return str(listed.get(character, ""))
+
+
 def read_history_file(
     path: str | Path, character: str, since: datetime | None, until: datetime | None
 ) -> list[dict[str, Any]]:

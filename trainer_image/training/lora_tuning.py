@@ -118,6 +118,7 @@ def _trained(config: TrainerConfig, report: RunReport) -> Result:
         serving_version=report.serving_version,
         examples={"pairs": report.pairs, "train": report.train_examples, "eval": report.eval_examples},
         metrics=report.metrics,
+        compatibility=report.compatibility,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -10,9 +10,9 @@ from . import __version__
 from .config import TrainerConfig
 from .data import CONTEXT_CHARS, PreparedData
 from .history import rfc3339
-from .prompt import PROMPT_TEMPLATE
 
-SCHEMA_VERSION = 1
+# 2: `prompt` (format, template hash, system turn) replaced version 1's `prompt_template`; `compatibility` added.
+SCHEMA_VERSION = 2
 
 
 def build_manifest(
@@ -27,15 +27,19 @@ def build_manifest(
     metrics: dict[str, float | None],
     samples: list[dict[str, str]],
     created_at: datetime,
+    prompt: Mapping[str, Any],
+    compatibility: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The manifest of one published version; ``started`` is the end of the data window (and the version's time),
-    ``target_modules`` what peft resolved, ``steps``/``tokens`` what training did."""
+    ``target_modules`` what peft resolved, ``steps``/``tokens`` what training did, ``prompt`` how prompts were
+    rendered (``PromptFormat.manifest()``: the chat service renders them the same way) and ``compatibility`` which
+    serving engines can load the adapter (training.compat)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "character": config.character,
         "version": version,
         "base_model": config.base_model,
-        "prompt_template": PROMPT_TEMPLATE,
+        "prompt": dict(prompt),
         "trainer_version": __version__,
         "created_at": created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "data": {
@@ -67,5 +71,6 @@ def build_manifest(
             "tokens": tokens,
         },
         "metrics": metrics,
+        "compatibility": dict(compatibility),
         "samples": samples,
     }

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from peft import LoraConfig, PeftModel, TaskType
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -14,6 +18,57 @@ from .config import TrainerConfig, module_list
 from .publish import character_dir, list_versions
 
 log = logging.getLogger(__name__)
+
+HUB_PROBE_SECONDS = 3.0
+
+
+class BaseModelUnavailable(OSError):
+    """--base-model is neither a local directory nor loadable from the hub (or its cache)."""
+
+
+def source_options(base_model: str) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for ``base_model``, decided in at most a few seconds: none for a local
+    directory or a reachable hub, ``local_files_only`` when only the hub cache has it; ``BaseModelUnavailable`` (saying
+    what to pass) otherwise — instead of minutes of retries against a hub that an offline machine cannot reach."""
+    if Path(base_model).expanduser().is_dir():
+        return {}
+    hint = "give --base-model a directory saved with save_pretrained"
+    if base_model.startswith(("/", ".", "~")) or base_model.count("/") > 1:
+        raise BaseModelUnavailable(f"base model {base_model!r}: no such directory; {hint}")
+    offline = any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"}
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if not offline and _hub_reachable():
+        return {}
+    if _in_hub_cache(base_model):
+        return {"local_files_only": True}
+    from huggingface_hub import constants
+
+    why = "the hub is off (HF_HUB_OFFLINE)" if offline else f"the model hub at {constants.ENDPOINT} cannot be reached"
+    raise BaseModelUnavailable(f"base model {base_model!r} is not a local directory nor in the hub cache, and {why}; "
+                               f"{hint}")
+
+
+def _in_hub_cache(base_model: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return isinstance(try_to_load_from_cache(base_model, "config.json"), str)
+    except HFValidationError:
+        return False
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    from huggingface_hub import constants
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlsplit(proxy or constants.ENDPOINT)
+    try:
+        with socket.create_connection((target.hostname or "", target.port or 443), timeout=HUB_PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
 
 
 def model_type_of(base_model: str) -> str | None:
@@ -49,7 +104,7 @@ def build_lora_config(config: TrainerConfig) -> LoraConfig:
 
 
 def load_tokenizer(base_model: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_model, **source_options(base_model))
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -57,7 +112,7 @@ def load_tokenizer(base_model: str) -> PreTrainedTokenizerBase:
 
 
 def load_base(base_model: str) -> Any:
-    return AutoModelForCausalLM.from_pretrained(base_model)
+    return AutoModelForCausalLM.from_pretrained(base_model, **source_options(base_model))
 
 
 def fit_max_length(base: Any, max_length: int) -> int:

@@ -22,13 +22,15 @@ from typing import Any
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedTokenizerBase, set_seed
 
+from .compat import targeted_layers, vllm_compatibility
 from .config import HISTORY_TOKEN_ENV, TrainerConfig
 from .data import DataError, PairingResult, PreparedData, pair_messages, split_by_session
 from .distributed import from_rank_zero, init_distributed, rank
 from .evaluate import before_after_samples, held_out_losses
-from .history import HistoryClient, read_history_file, rfc3339
+from .history import HistoryClient, fetch_persona, read_history_file, rfc3339
 from .manifest import build_manifest
 from .model import build_lora_config, fit_max_length, load_adapter, load_base, load_tokenizer
+from .prompt import PromptFormat, prompt_format_for
 from .publish import character_dir, check_writable, prune, publish, version_for
 from .train import TrainStats, train_lora
 
@@ -55,6 +57,7 @@ class RunReport:
     train_examples: int
     eval_examples: int
     metrics: dict[str, float | None]
+    compatibility: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     model: Any = field(default=None, repr=False)  # the trained peft model, for callers that keep using it
 
@@ -66,22 +69,25 @@ def run(config: TrainerConfig, *, started: datetime | None = None) -> RunReport 
     character = _character(config)
     init_distributed()
     moment = (started or datetime.now(UTC)).replace(microsecond=0)
-    # Rank 0's clock and data for every rank: the same window, the same examples, the same version.
-    started, data = from_rank_zero(lambda: (moment, prepare_data(config, moment)))
+    # Rank 0's clock, data and persona for every rank: the same window, examples, prompts and version.
+    started, data, persona = from_rank_zero(lambda: (moment, prepare_data(config, moment), persona_for(config)))
     version = version_for(started)
     if rank() == 0:
         # Before spending the training time: a version that exists or a volume we cannot write ends it now.
         check_writable(config.output_root, character, version)
 
     model, tokenizer, config = load_for_training(config)
-    stats, is_main_process = train(model, tokenizer, data, config)
+    prompt_format = prompt_format_for(tokenizer, persona)
+    log.info("prompt format: %s", prompt_format.manifest())
+    stats, is_main_process = train(model, tokenizer, data, config, prompt_format)
     if not is_main_process:
         return None
 
     eval_records = data.eval_records()
     metrics = held_out_losses(model, tokenizer, eval_records, serving_path=_serving_path(config),
-                              max_length=config.max_length)
-    samples = before_after_samples(model, tokenizer, eval_records)
+                              max_length=config.max_length, prompt_format=prompt_format)
+    samples = before_after_samples(model, tokenizer, eval_records, prompt_format=prompt_format)
+    compatibility = engine_compatibility(model)
     metrics.update(
         train_loss=round(stats.train_loss, 6),
         tokens_per_second=round(stats.tokens_per_second, 1),
@@ -90,6 +96,7 @@ def run(config: TrainerConfig, *, started: datetime | None = None) -> RunReport 
     manifest = build_manifest(
         config, data, version=version, started=started, target_modules=model.peft_config["default"].target_modules,
         steps=stats.steps, tokens=stats.tokens, metrics=metrics, samples=samples, created_at=datetime.now(UTC),
+        prompt=prompt_format.manifest(), compatibility=compatibility,
     )
     path = publish_version(config, version, model, data, manifest)
     return RunReport(
@@ -100,6 +107,7 @@ def run(config: TrainerConfig, *, started: datetime | None = None) -> RunReport 
         train_examples=len(data.train),
         eval_examples=len(data.held_out),
         metrics=metrics,
+        compatibility=compatibility,
         manifest=manifest,
         model=model,
     )
@@ -121,6 +129,13 @@ def collect(config: TrainerConfig, until: datetime) -> list[dict[str, Any]]:
         raise ValueError("no history source: give --history-url or --history-file")
     log.info("collected %d messages for %s in [%s, %s)", len(messages), character, rfc3339(since), rfc3339(until))
     return messages
+
+
+def persona_for(config: TrainerConfig) -> str:
+    """The system turn of chat-template prompts: ``--persona``, else the chat service's persona for the character."""
+    if config.persona is not None:
+        return config.persona
+    return fetch_persona(config.history_url, _character(config)) if config.history_url else ""
 
 
 def pair(config: TrainerConfig, messages: Sequence[dict[str, Any]]) -> PairingResult:
@@ -161,7 +176,11 @@ def load_for_training(config: TrainerConfig) -> tuple[PeftModel, PreTrainedToken
 
 
 def train(
-    model: PeftModel, tokenizer: PreTrainedTokenizerBase, data: PreparedData, config: TrainerConfig
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    config: TrainerConfig,
+    prompt_format: PromptFormat | None = None,
 ) -> tuple[TrainStats, bool]:
     """Train the adapter in place; also says whether this process is the one that evaluates and publishes."""
     with tempfile.TemporaryDirectory(prefix="trainer-work-") as work_dir:
@@ -177,8 +196,19 @@ def train(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             seed=config.seed,
             logging_steps=config.logging_steps,
+            prompt_format=prompt_format,
         )
     return stats, trainer.is_world_process_zero()
+
+
+def engine_compatibility(model: PeftModel) -> dict[str, Any]:
+    """Whether serving engines can load the adapter (training.compat): ``{"vllm": {...}}``."""
+    base = model.get_base_model()
+    architecture = (getattr(base.config, "architectures", None) or [type(base).__name__])[0]
+    adapter_config = model.peft_config["default"].to_dict()
+    verdict = vllm_compatibility(adapter_config, architecture, targeted_layers(model))
+    log.info("vLLM-compatible: %s %s", verdict["compatible"], "; ".join(verdict["reasons"]))
+    return {"vllm": verdict}
 
 
 # -- publishing -------------------------------------------------------------------------------------------------

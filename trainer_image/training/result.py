@@ -25,6 +25,7 @@ class Result:
     serving_version: str | None = None
     examples: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float | None] = field(default_factory=dict)
+    compatibility: dict[str, Any] = field(default_factory=dict)  # serving engines that can load the adapter
     reason: str | None = None
     trainer_version: str = __version__
 

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from .collate import CompletionCollator, tokenize_example
-from .prompt import PROMPT_TEMPLATE
+from .prompt import PromptFormat
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,15 @@ def choose_precision() -> Precision:
 
 
 def build_dataset(
-    records: Sequence[Mapping[str, str]],
+    records: Sequence[Mapping[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     *,
-    prompt_template: str = PROMPT_TEMPLATE,
+    prompt_format: PromptFormat | None = None,
     loss_on_prompt: bool = False,
 ) -> Dataset:
     rows = [
-        tokenize_example(r, tokenizer, max_length, prompt_template=prompt_template, loss_on_prompt=loss_on_prompt)
+        tokenize_example(r, tokenizer, max_length, prompt_format=prompt_format, loss_on_prompt=loss_on_prompt)
         for r in records
     ]
     return Dataset.from_list(rows)
@@ -154,7 +154,7 @@ def _training_arguments(
 def train_lora(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    train_records: Sequence[Mapping[str, str]],
+    train_records: Sequence[Mapping[str, Any]],
     *,
     work_dir: str,
     epochs: float = 3,
@@ -164,7 +164,7 @@ def train_lora(
     gradient_accumulation_steps: int = 1,
     seed: int = 42,
     logging_steps: int = 10,
-    prompt_template: str = PROMPT_TEMPLATE,
+    prompt_format: PromptFormat | None = None,
     padding: Literal["longest", "max_length"] = "longest",
     loss_on_prompt: bool = False,
     group_by_length: bool = False,
@@ -172,7 +172,7 @@ def train_lora(
     """Train ``model`` (a peft model) in place. ``padding``/``loss_on_prompt``/``group_by_length`` exist so that
     benchmarks can reproduce the spec's padded-to-512 setup; the product uses the defaults."""
     dataset = build_dataset(
-        train_records, tokenizer, max_length, prompt_template=prompt_template, loss_on_prompt=loss_on_prompt
+        train_records, tokenizer, max_length, prompt_format=prompt_format, loss_on_prompt=loss_on_prompt
     )
     precision = choose_precision()
     args = _training_arguments(
