@@ -153,7 +153,9 @@ def generation_only(work: Path, base_model: Path, characters: Path, prompts: lis
         for prompt in prompts[r * 8 : r * 8 + 8]:
             for name, (manager, character) in scenarios.items():
                 adapter = managers[manager].adapter_for(character)
-                bare = build_prompt(PromptRules(adapter.prompt_template, 0, 0, ""), prompt)  # no context, no persona
+                # No context, no persona, the base tokenizer's format: every scenario gets the same prompt.
+                fmt = "chat_template" if managers[manager].chat_template else "alpaca"
+                bare = build_prompt(PromptRules(adapter.prompt_template, 0, 0, "", fmt), prompt)
                 started = time.perf_counter()
                 managers[manager].generate(adapter, bare, max_tokens=max_tokens, temperature=0, top_p=1.0)
                 times[name].append(time.perf_counter() - started)

@@ -21,6 +21,7 @@ from .engines import EngineUnavailable, create_engine, engine_unavailable, gener
 from .generation import ModelManager
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .model_source import load_options
 from .routes import ROUTERS
 from .store import Store
 
@@ -71,6 +72,8 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     of the store-only endpoints)."""
     settings = settings or Settings.from_env()
     characters = load_characters(settings.characters_file)
+    if load_model:
+        load_options(settings.base_model)  # a base model that cannot be loaded fails here, at once, not in /readyz
     metrics = Metrics()
     app = FastAPI(
         title="LlmMultiChat chat service",

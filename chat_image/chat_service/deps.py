@@ -109,7 +109,7 @@ def serving_for(service: Service, character: Character) -> Serving:
         detail = f"model failed to load: {models.load_error}" if models.load_error else "model is loading"
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail, headers={"Retry-After": "5"})
     adapter = models.adapter_for(character.name)
-    return Serving(character, adapter, prompt_rules(service.settings, character, adapter), models)
+    return Serving(character, adapter, prompt_rules(service.settings, character, adapter, models.chat_template), models)
 
 
 def adapter_status(service: Service, name: str) -> AdapterStatus | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import string
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,16 @@ from typing import Any, Literal
 
 from .characters import Character
 from .config import Settings
-from .prompting import DEFAULT_PROMPT_TEMPLATE, Prompt, prompt_ids
+from .model_source import load_options
+from .prompting import (
+    DEFAULT_PROMPT_TEMPLATE,
+    ManifestPrompt,
+    Prompt,
+    PromptFormat,
+    manifest_prompt,
+    prompt_ids,
+    template_mismatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +46,9 @@ class AdapterStatus:
     state: AdapterState
     path: Path
     version: str | None = None
+    prompt_format: PromptFormat = "alpaca"  # from manifest prompt.format (schema 1: alpaca)
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    system: str = ""  # chat_template: the manifest's prompt.system, the system turn it was trained with
     context_turns: int | None = None  # from manifest data.context_turns: what the adapter was trained with
     context_chars: int | None = None  # from manifest data.context_chars: the trainer's cut of that context
     reason: str | None = None  # short machine-readable cause, also a metric label
@@ -66,10 +76,6 @@ class GenerationResult:
     seconds: float
 
 
-def template_fields(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-
-
 def read_manifest(directory: Path, character: str) -> dict[str, Any]:
     path = directory / "manifest.json"
     if not path.is_file():
@@ -87,12 +93,6 @@ def read_manifest(directory: Path, character: str) -> dict[str, Any]:
         raise AdapterError(
             "wrong_character", f"{path} is for character {manifest.get('character')!r}, mounted for {character!r}"
         )
-    template = manifest.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
-    if not isinstance(template, str) or "instruction" not in template_fields(template):
-        raise AdapterError("invalid_manifest", f"{path} 'prompt_template' must be a string with {{instruction}}")
-    unknown = template_fields(template) - {"instruction", "input"}
-    if unknown:
-        raise AdapterError("invalid_manifest", f"{path} 'prompt_template' has unknown fields {sorted(unknown)}")
     data = manifest.get("data", {})
     for key in ("context_turns", "context_chars"):
         value = data.get(key) if isinstance(data, dict) else None
@@ -101,10 +101,23 @@ def read_manifest(directory: Path, character: str) -> dict[str, Any]:
     return manifest
 
 
-def read_adapter(directory: Path, name: str, base_model: str) -> AdapterStatus:
-    """The adapter mounted at `directory`, checked on disk (config, weights, manifest) without loading its weights:
-    `absent`, `failed` with the reason, or `loaded` with the manifest's version and prompt rules (the engine that
-    loads the weights turns it to `failed` if they do not fit the base model)."""
+def adapter_prompt(manifest: dict[str, Any], path: Path, chat_template: str | None) -> ManifestPrompt:
+    """The manifest's prompt format, if the base tokenizer (its `chat_template`) can render it (contract §2)."""
+    try:
+        prompt = manifest_prompt(manifest)
+    except ValueError as exc:
+        raise AdapterError("invalid_manifest", f"{path}/manifest.json: {exc}") from exc
+    mismatch = template_mismatch(prompt, chat_template)
+    if mismatch:
+        raise AdapterError("prompt_mismatch", f"{path}: {mismatch}")
+    return prompt
+
+
+def read_adapter(directory: Path, name: str, base_model: str, chat_template: str | None = None) -> AdapterStatus:
+    """The adapter mounted at `directory`, checked on disk (config, weights, manifest, prompt format against the base
+    tokenizer's `chat_template`) without loading its weights: `absent`, `failed` with the reason, or `loaded` with
+    the manifest's version and prompt rules (the engine that loads the weights turns it to `failed` if they do not fit
+    the base model)."""
     from peft import PeftConfig
 
     status = AdapterStatus(character=name, state="absent", path=directory)
@@ -115,6 +128,7 @@ def read_adapter(directory: Path, name: str, base_model: str) -> AdapterStatus:
         if not (directory / "adapter_config.json").is_file():
             raise AdapterError("missing_config", f"{directory}/adapter_config.json is missing")
         manifest = read_manifest(directory, name)
+        prompt = adapter_prompt(manifest, directory, chat_template)
         try:
             json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
             peft_config = PeftConfig.from_pretrained(str(directory))
@@ -127,7 +141,7 @@ def read_adapter(directory: Path, name: str, base_model: str) -> AdapterStatus:
         return status
     status.state = "loaded"
     status.version = manifest["version"]
-    status.prompt_template = manifest.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
+    status.prompt_format, status.prompt_template, status.system = prompt.format, prompt.template, prompt.system
     data = manifest.get("data")
     status.context_turns = data.get("context_turns") if isinstance(data, dict) else None
     status.context_chars = data.get("context_chars") if isinstance(data, dict) else None
@@ -145,7 +159,7 @@ def mark_failed(status: AdapterStatus, exc: AdapterError) -> None:
     """The adapter is not used: the character serves the base model with the default prompt rules; say why."""
     status.state = "failed"
     status.version = None
-    status.prompt_template = DEFAULT_PROMPT_TEMPLATE
+    status.prompt_format, status.prompt_template, status.system = "alpaca", DEFAULT_PROMPT_TEMPLATE, ""
     status.context_turns = None
     status.context_chars = None
     status.reason = exc.reason
@@ -182,12 +196,13 @@ class ModelManager:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(self.settings.base_model)
+        source = load_options(self.settings.base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.settings.base_model, **source)
 
         def load_base() -> Any:
             # bf16 halves GPU memory; CPU kernels are fastest and exact in fp32.
             dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(self.settings.base_model, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(self.settings.base_model, dtype=dtype, **source)
             return model.to(device).eval()
 
         model = load_base()
@@ -209,7 +224,8 @@ class ModelManager:
     def _load_adapter(self, name: str, model: Any, load_base: Any) -> tuple[AdapterStatus, Any]:
         from peft import PeftModel
 
-        status = read_adapter(self.settings.adapters_root / f"lora_{name}", name, self.settings.base_model)
+        status = read_adapter(self.settings.adapters_root / f"lora_{name}", name, self.settings.base_model,
+                              self.chat_template)
         if status.state != "loaded":
             return status, model
         try:
@@ -281,7 +297,7 @@ class ModelManager:
 
     def _window(self, prompt: Prompt, max_tokens: int) -> tuple[list[int], int]:
         """The prompt's token ids and the reply's token budget, both within the model's positions."""
-        ids = prompt_ids(prompt, self.tokenize, self.settings.max_prompt_tokens)
+        ids = prompt_ids(prompt, self.tokenizer, self.settings.max_prompt_tokens)
         max_new = max(1, min(max_tokens, self.settings.max_tokens_limit))
         if self.max_positions:
             # Positions beyond the model's window would crash or degrade; keep room for the reply.
@@ -289,8 +305,12 @@ class ModelManager:
             ids = ids[-(self.max_positions - max_new) :]
         return ids, max_new
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    @property
+    def chat_template(self) -> str | None:
+        """The base tokenizer's chat template (None without one, or before loading): it decides the prompt format of
+        the base model and which adapters' prompts can be served (contract §2)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) and template.strip() else None
 
     def _generate_kwargs(
         self, max_new: int, temperature: float, top_p: float, cancel: threading.Event | None

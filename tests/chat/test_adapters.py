@@ -65,7 +65,7 @@ def rules(models: ModelManager, character: str) -> PromptRules:
 
 
 def prompt_tokens(models: ModelManager, rules: PromptRules, instruction: str, earlier: list[Turn]) -> list[int]:
-    return prompt_ids(build_prompt(rules, instruction, earlier), models.tokenize, models.settings.max_prompt_tokens)
+    return prompt_ids(build_prompt(rules, instruction, earlier), models.tokenizer, models.settings.max_prompt_tokens)
 
 
 def corrupt_config(d: Path) -> None:
@@ -99,6 +99,18 @@ def bad_template(d: Path) -> None:
     (d / "manifest.json").write_text(json.dumps(manifest | {"prompt_template": "Q: {question}\nA: "}))
 
 
+def unknown_prompt_format(d: Path) -> None:
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps(manifest | {"prompt": {"format": "chatml"}}))
+
+
+def foreign_chat_template(d: Path) -> None:
+    """Trained with a chat template the base tokenizer does not have (whether it has one or none)."""
+    manifest = json.loads((d / "manifest.json").read_text())
+    prompt = {"format": "chat_template", "template_sha256": "0" * 64, "system": "persona"}
+    (d / "manifest.json").write_text(json.dumps(manifest | {"prompt": prompt}))
+
+
 def only_config(d: Path) -> None:
     for path in d.iterdir():
         if path.name != "adapter_config.json":
@@ -115,6 +127,8 @@ def only_config(d: Path) -> None:
         (missing_manifest, "missing_manifest"),
         (wrong_character, "wrong_character"),
         (bad_template, "invalid_manifest"),
+        (unknown_prompt_format, "invalid_manifest"),
+        (foreign_chat_template, "prompt_mismatch"),
         (only_config, "missing_manifest"),
     ],
 )
