@@ -24,6 +24,8 @@ METRIC_FIELDS = {
     "duration_seconds": "durationSeconds",
 }
 MAX_REASON = 1024
+# Contract §2 "Engine compatibility": how many reasons per engine the status keeps (the trainer sends at most 4).
+MAX_COMPATIBILITY_REASONS = 4
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class TrainerResult:
     serving_version: str | None = None
     metrics: Mapping[str, float | None] = field(default_factory=dict)
     examples: Mapping[str, int] = field(default_factory=dict)
+    # Per serving engine ("vllm"): {"compatible", "reasons", "maxLoraRank"}, as status shows it.
+    compatibility: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     trainer_version: str | None = None
     exit_code: int | None = None
 
@@ -127,6 +131,7 @@ def parse_result(message: str | None, exit_code: int | None, job_state: JobState
         metrics={key: _number(metrics.get(key)) for key in METRIC_FIELDS if key in metrics},
         examples={k: int(v) for k, v in (data.get("examples") or {}).items()
                   if k in ("pairs", "train", "eval") and isinstance(v, int)},
+        compatibility=_compatibility(data.get("compatibility")),
         trainer_version=data.get("trainer_version") or None,
         exit_code=exit_code,
     )
@@ -199,6 +204,8 @@ def run_record(
         record["examples"] = dict(result.examples)
     if result.metrics:
         record["metrics"] = {METRIC_FIELDS[k]: v for k, v in result.metrics.items()}
+    if result.compatibility:
+        record["compatibility"] = {engine: dict(verdict) for engine, verdict in result.compatibility.items()}
     return record
 
 
@@ -221,6 +228,20 @@ def recorded(status: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
     uid = meta.get("uid")
     last = status.get("lastRun") or {}
     return last.get("jobUID") == uid or any(r.get("jobUID") == uid for r in status.get("history") or ())
+
+
+def _compatibility(value: Any) -> dict[str, dict[str, Any]]:
+    """The result's `compatibility` (contract §2) in status form; an engine whose verdict is not a boolean is left
+    out (an older trainer sends none: nothing is known, nothing is claimed)."""
+    verdicts: dict[str, dict[str, Any]] = {}
+    for engine, verdict in (value.items() if isinstance(value, dict) else ()):
+        if not isinstance(verdict, dict) or not isinstance(verdict.get("compatible"), bool):
+            continue
+        reasons = [_clip(str(r)) for r in verdict.get("reasons") or () if isinstance(r, str)]
+        rank = verdict.get("max_lora_rank")
+        verdicts[str(engine)] = {"compatible": verdict["compatible"], "reasons": reasons[:MAX_COMPATIBILITY_REASONS],
+                                 "maxLoraRank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None}
+    return verdicts
 
 
 def _number(value: Any) -> float | None:

@@ -120,6 +120,7 @@ def rollout_complete(rollout: Mapping[str, Any], st: dict[str, Any], status: Map
     version = rollout.get("version") or None
     st["servingVersion"] = version
     st["servingMetrics"] = metrics_of(version, status)
+    st["servingCompatibility"] = compatibility_of(version, status)
     if rollout.get("rollback"):
         return Plan("none", st, events=[Event("Normal", "RolledBack", f"serving {version or 'the base model'} again")])
     st["previousVersion"] = rollout.get("fromVersion") or None
@@ -141,6 +142,7 @@ def rollout_failed(rollout: Mapping[str, Any], st: dict[str, Any], status: Mappi
     if rollout.get("rollback"):
         st["servingVersion"] = version
         st["servingMetrics"] = metrics_of(version, status)
+        st["servingCompatibility"] = compatibility_of(version, status)
         return Plan("none", st, events=[Event("Warning", "RollbackFailed",
                                               f"restoring {version or 'the base model'} did not complete either; "
                                               "check the Deployment")])
@@ -173,11 +175,20 @@ def plan_rollout(spec: FineTuneSpec, desired: Desired, mounted: str | None, st: 
 
 def metrics_of(version: str | None, status: Mapping[str, Any]) -> dict[str, Any] | None:
     """The metrics a version was trained with, if a run that produced it is still in the history."""
+    return _recorded(version, status, "metrics")
+
+
+def compatibility_of(version: str | None, status: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Which serving engines can load a version (the trainer's check at publish), if its run is in the history."""
+    return _recorded(version, status, "compatibility")
+
+
+def _recorded(version: str | None, status: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     if not version:
         return None
     for run in [status.get("lastRun") or {}, *(status.get("history") or ())]:
-        if run.get("version") == version and run.get("metrics"):
-            return dict(run["metrics"])
+        if run.get("version") == version and run.get(key):
+            return dict(run[key])
     return None
 
 

@@ -202,3 +202,23 @@ def test_job_finished_at_falls_back_to_condition_then_now() -> None:
         {"type": "Failed", "status": "True", "lastTransitionTime": "2026-11-26T04:00:00Z"}]}}
     assert job_finished_at(failed, "now") == "2026-11-26T04:00:00Z"
     assert job_finished_at({"status": {}}, "now") == "now"
+
+
+def test_engine_compatibility_is_read_and_recorded() -> None:
+    gpt2 = {"vllm": {"compatible": False, "max_lora_rank": 8,
+                     "reasons": ["architecture GPT2LMHeadModel: vLLM implements no LoRA for it", 7, "x" * 2000]}}
+    result = parse_result(json.dumps(TRAINED | {"compatibility": gpt2}), 0, "Complete")
+    verdict = result.compatibility["vllm"]
+    assert verdict["compatible"] is False and verdict["maxLoraRank"] == 8
+    assert verdict["reasons"][0].startswith("architecture GPT2LMHeadModel") and len(verdict["reasons"]) == 2
+    assert len(verdict["reasons"][1]) == 1024  # clipped like any reason
+    decision = gate(result, manual=False, min_improvement=0.01, serving_version=None, serving_metrics=None)
+    record = run_record(job(), result, decision, finished_at="2026-11-26T03:05:00Z")
+    assert record["compatibility"] == {"vllm": verdict}
+    # An older trainer sends none, or something unreadable: nothing is claimed either way.
+    assert parse_result(json.dumps(TRAINED), 0, "Complete").compatibility == {}
+    odd = TRAINED | {"compatibility": {"vllm": {"compatible": "yes"}, "other": [], "tgi": {"compatible": True}}}
+    assert parse_result(json.dumps(odd), 0, "Complete").compatibility == {
+        "tgi": {"compatible": True, "reasons": [], "maxLoraRank": None}}
+    assert "compatibility" not in run_record(job(), parse_result(json.dumps(TRAINED), 0, "Complete"), decision,
+                                             finished_at="2026-11-26T03:05:00Z")

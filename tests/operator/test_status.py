@@ -108,6 +108,20 @@ def test_completed_rollout_serves(spec: FineTuneSpec) -> None:
     assert plan.counters == ["promotion"] and plan.events[0].reason == "Promoted"
 
 
+def test_serving_version_shows_its_engine_compatibility(spec: FineTuneSpec) -> None:
+    vllm = {"vllm": {"compatible": False, "reasons": ["architecture GPT2LMHeadModel: ..."], "maxLoraRank": 8}}
+    status = {"approvedVersion": V2, "servingVersion": V1,
+              "rollout": {"version": V2, "fromVersion": V1, "generation": 2, "source": "approved"},
+              "lastRun": {"version": V3}, "history": [{"version": V3}, {"version": V2, "compatibility": vllm}]}
+    plan = plan_serving(spec=spec, annotations={}, status=status, deployment=deployment(V2, generation=2), now=NOW)
+    assert plan.status["servingCompatibility"] == vllm
+    # Back to the base model: nothing to say.
+    status = {"servingVersion": V2, "servingCompatibility": vllm, "history": [{"version": V2, "compatibility": vllm}],
+              "rollout": {"version": "", "fromVersion": V2, "generation": 2, "source": "none"}}
+    plan = plan_serving(spec=spec, annotations={}, status=status, deployment=deployment(None, generation=2), now=NOW)
+    assert plan.status["servingVersion"] is None and plan.status["servingCompatibility"] is None
+
+
 def test_steady_state_is_a_fixed_point(spec: FineTuneSpec) -> None:
     status = {"approvedVersion": V1, "servingVersion": V1}
     plan = plan_serving(spec=spec, annotations={}, status=status, deployment=deployment(V1), now=NOW)
