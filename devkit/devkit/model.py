@@ -140,8 +140,11 @@ def ensure_embedded_model(cache_root: Path | None = None, *, progress: bool = Tr
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
         try:
             _build(work, documents, progress)
-            # mkdtemp makes the directory private; the model is meant to be read by other users (pods, services).
+            # mkdtemp makes the directory private, and safetensors writes its files 0600; the model is meant to be
+            # read by other users (pods run as uid 10001 on the real node, services).
             work.chmod(0o755)
+            for path in work.iterdir():
+                path.chmod(0o644)
             os.rename(work, target)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)

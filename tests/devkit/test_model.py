@@ -57,6 +57,18 @@ def test_build_runs_once_under_concurrency_and_is_reused(tmp_path: Path, monkeyp
     assert not list(tmp_path.glob(".tmp-*")), "the work directory must have been renamed into place"
 
 
+def test_model_files_are_readable_by_other_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # safetensors writes its files 0600: the real node's pods (uid 10001) could not read model.safetensors.
+    def build(work: Path, documents: list[str], progress: bool) -> None:
+        weights = work / "model.safetensors"
+        weights.write_bytes(b"{}")
+        weights.chmod(0o600)
+
+    monkeypatch.setattr(model, "_build", build)
+    built = model.ensure_embedded_model(tmp_path, progress=False)
+    assert (built / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_failed_build_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
     monkeypatch.setattr(model, "_build", _fake_build(calls, fail=True))
