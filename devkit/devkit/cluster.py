@@ -507,6 +507,9 @@ def _start(bins: Path, real_node: bool) -> Cluster:
     if real_node:
         realnode.ensure_bridge()
         host = NODE_IP
+        # Port 443 as in a real cluster: in-cluster clients that know only `https://kubernetes.default.svc` (kopf)
+        # find it there through the pod's hostAliases (no cluster DNS yet). One real node per machine, so it is free.
+        ports["apiserver"] = 443
     server = f"https://{host}:{ports['apiserver']}"
     kubeconfigs = STATE_DIR / "kubeconfigs"
     kubeconfigs.mkdir(exist_ok=True)

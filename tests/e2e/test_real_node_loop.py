@@ -37,6 +37,8 @@ from devkit import conversations, localimages
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
 
 NS = "llmmultichat-real"
+# deploy/ with the chat history in SQLite, as `make demo` runs it (there is no PostgreSQL image here).
+EMBEDDED = DEPLOY / "embedded"
 DEPLOYED_NS = "llmmultichat"  # what deploy/kustomization.yaml says
 CHARACTER = "lumina"
 
@@ -52,8 +54,10 @@ def kube(cluster: Cluster, *args: str) -> Any:
 
 
 def on_real_node(objects: list[dict[str, Any]], apiserver_port: int) -> list[dict[str, Any]]:
-    """deploy/ as rendered by kustomize, moved to NS and onto the real node. The operator watches NS only (the
-    simulated demo's operator may watch the rest) and reaches the API server at the node address."""
+    """deploy/embedded as rendered by kustomize, moved to NS and onto the real node. The operator watches NS only
+    (the simulated demo's operator may watch the rest) and reaches the API server at the node address: by name
+    through hostAliases (kopf knows only https://kubernetes.default.svc) and by KUBERNETES_SERVICE_HOST/PORT (the
+    kubernetes client), as there is no cluster DNS or Service routing on the real node yet."""
     for obj in objects:
         meta = obj["metadata"]
         if obj["kind"] == "Namespace" and meta["name"] == DEPLOYED_NS:
@@ -70,6 +74,7 @@ def on_real_node(objects: list[dict[str, Any]], apiserver_port: int) -> list[dic
             pod["nodeSelector"] = NODE_SELECTOR
             pod["tolerations"] = [TOLERATION]
             if meta["name"] == "finetune-operator":
+                pod["hostAliases"] = [{"ip": NODE_IP, "hostnames": ["kubernetes.default.svc", "kubernetes.default"]}]
                 pod["containers"][0]["env"] += [
                     {"name": "FINETUNE_NAMESPACES", "value": NS},
                     {"name": "KUBERNETES_SERVICE_HOST", "value": NODE_IP},
@@ -89,18 +94,21 @@ def reset_namespace(cluster: Cluster) -> None:
 def deploy(cluster: Cluster) -> str:
     """deploy/ on the real node, a random history token, the embedded model on the model volume; returns the token."""
     reset_namespace(cluster)
-    rendered = list(yaml.safe_load_all(cluster.kubectl("kustomize", str(DEPLOY)).stdout))
     port = int(read_state()["ports"]["apiserver"])  # type: ignore[index]
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
-                    input=yaml.safe_dump_all(on_real_node(rendered, port)))
-    token = secrets.token_hex(24)
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "chat-history-token"},
-              "stringData": {"token": token}}
-    cluster.apply(secret, namespace=NS)
+    rendered = on_real_node(list(yaml.safe_load_all(cluster.kubectl("kustomize", str(EMBEDDED)).stdout)), port)
+    # The namespace and the volumes first: the model is on its volume before a chat pod starts (the chat service
+    # loads it once, at start).
+    first = [o for o in rendered if o["kind"] in ("Namespace", "PersistentVolumeClaim")]
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(first))
     model = ensure_embedded_model()
     wait_until("the model claim Bound", lambda: kube(cluster, "get", "pvc", "llmmultichat-base-model")
                ["status"].get("phase") == "Bound", timeout=60)
     shutil.copytree(model, pvc_local_path(cluster, NS, "llmmultichat-base-model") / "tinychat", dirs_exist_ok=True)
+    token = secrets.token_hex(24)
+    rendered = [o for o in rendered if o["kind"] != "Secret" or o["metadata"]["name"] != "chat-history-token"]
+    rendered.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "chat-history-token", "namespace": NS},
+                     "stringData": {"token": token}})
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(rendered))
     return token
 
 
