@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
 import re
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from . import metrics
+from .feedback import guarded_versions, plan_feedback, thumbs_by_version
 from .kube import Kube, KubeError, cft_path, cronjob_path, deployment_path, job_path, jobs_path, pods_path
 from .manifests import (
     ANNOTATION_RECORDED,
@@ -62,6 +66,13 @@ class MountConflict(Exception):
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def fetch_feedback(chat_url: str, character: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The chat service's thumbs per adapter version (GET /v1/characters/{name}/feedback; it needs no token)."""
+    url = f"{chat_url.rstrip('/')}/v1/characters/{urllib.parse.quote(character, safe='')}/feedback"
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
 
 
 class Controller:
@@ -231,6 +242,42 @@ class Controller:
         seen = self._job_seen.pop((cr["metadata"]["namespace"], cr["metadata"]["name"], version), None)
         if seen is not None:
             metrics.PATCH_LATENCY.observe(time.monotonic() - seen)
+
+    # --- feedback guard ------------------------------------------------------------------------------------------
+
+    def check_feedback(self, namespace: str, name: str) -> None:
+        """promotion.feedbackGuard: read users' thumbs per version, record them, roll back a regression (the next
+        reconciles follow that rollback like any other)."""
+        with self._lock(namespace, name):
+            cr = self.kube.get(cft_path(namespace, name))
+            if cr is None or cr["metadata"].get("deletionTimestamp"):
+                return
+            spec = FineTuneSpec.from_dict(cr["spec"])
+            status = dict(cr.get("status") or {})
+            if guarded_versions(spec, status) is None:
+                return
+            try:
+                counts = thumbs_by_version(fetch_feedback(spec.data.history_url, spec.character))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("feedback of %s/%s not read from %s: %s", namespace, name, spec.data.history_url, exc)
+                return
+            now = now_iso()
+            plan = plan_feedback(spec, status, counts, now)
+            if plan.action in ("apply", "unmount"):
+                live = self._apply_mount(namespace, name, spec, plan.version)
+                plan.status["rollout"]["generation"] = int(live["metadata"]["generation"])
+            meta = cr["metadata"]
+            new = finalize(spec, meta.get("annotations") or {}, plan.status,
+                           Observed(int(meta.get("generation") or 0)), now)
+            try:
+                self._write_status(cr, status, new)
+            except StatusConflict:
+                return  # changed meanwhile; the next check reads it again
+            self._emit(cr, plan.events)
+            if plan.counters:
+                metrics.ROLLBACKS.labels(namespace, name).inc()
+                metrics.FEEDBACK_REGRESSIONS.labels(namespace, name).inc()
+            self._next[(namespace, name)] = 0.0  # follow the rollback at once
 
     # --- owned CronJobs ------------------------------------------------------------------------------------------
 

@@ -103,6 +103,25 @@ async def resync(namespace: str, name: str, stopped: kopf.DaemonStopped, memo: k
             log.warning("resync of %s/%s failed, will retry: %s", namespace, name, exc)
 
 
+def guard_enabled(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("promotion") or {}).get("feedbackGuard"))
+
+
+@kopf.daemon(*CFT, cancellation_timeout=5.0, when=guard_enabled)
+async def feedback_guard(namespace: str, name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
+    """promotion.feedbackGuard: every FINETUNE_FEEDBACK_POLL_SECONDS, judge the serving version by users' thumbs."""
+    ctl = controller(memo)
+    while not stopped:
+        await stopped.wait(ctl.settings.feedback_poll_seconds)
+        if stopped:
+            break
+        try:
+            await asyncio.to_thread(ctl.check_feedback, namespace, name)
+        except KubeError as exc:
+            metrics.RECONCILE_ERRORS.labels("feedback").inc()
+            log.warning("feedback guard of %s/%s failed, will retry: %s", namespace, name, exc)
+
+
 @kopf.on.delete(*CFT)
 def cleanup(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     try:

@@ -17,8 +17,14 @@ PROMOTIONS = Counter(
     registry=REGISTRY,
 )
 ROLLBACKS = Counter(
-    "finetune_rollbacks_total", "Rollouts that failed and were rolled back.", ["namespace", "name"],
+    "finetune_rollbacks_total", "Rollbacks: failed rollouts, and versions the feedback guard rolled back.",
+    ["namespace", "name"],
     registry=REGISTRY,
+)
+FEEDBACK_REGRESSIONS = Counter(
+    "finetune_feedback_regressions_total",
+    "Promoted versions the feedback guard rolled back: users' thumbs-down rate clearly worse than the previous one's.",
+    ["namespace", "name"], registry=REGISTRY,
 )
 RECONCILE_ERRORS = Counter(
     "finetune_reconcile_errors_total", "Reconcile attempts that failed (they are retried).", ["handler"],
@@ -43,7 +49,7 @@ def serve(port: int) -> None:
 
 def forget(namespace: str, name: str) -> None:
     """Drop a deleted resource's series so dashboards do not show ghosts."""
-    for metric in (PROMOTIONS, ROLLBACKS, LAST_SUCCESS):
+    for metric in (PROMOTIONS, ROLLBACKS, FEEDBACK_REGRESSIONS, LAST_SUCCESS):
         with contextlib.suppress(KeyError):
             metric.remove(namespace, name)
     for outcome in ("trained", "rejected", "skipped", "failed"):

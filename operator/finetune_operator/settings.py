@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     resync_seconds: float = Field(60.0, gt=0)
     #: Seconds between checks while a rollout is in progress.
     rollout_poll_seconds: float = Field(2.0, gt=0)
+    #: Seconds between the feedback guard's reads of the chat service (resources with promotion.feedbackGuard).
+    feedback_poll_seconds: float = Field(60.0, gt=0)
     #: Finished runs kept in status.history (at most status.history's maxItems). Must exceed the CronJob's two Job
     #: history limits together, so that every Job still in the cluster is found there and never recorded twice.
     history_limit: int = Field(10, le=20)

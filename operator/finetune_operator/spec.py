@@ -75,9 +75,20 @@ class TargetSpec:
 
 
 @dataclass(frozen=True)
+class FeedbackGuardSpec:
+    """promotion.feedbackGuard: roll back a promoted version whose users' thumbs-down rate is worse than the previous
+    version's by more than `max_down_rate_increase`, by a one-sided two-proportion z-test at `confidence`."""
+
+    min_rated_replies: int = 50
+    max_down_rate_increase: float = 0.05
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True)
 class PromotionSpec:
     mode: str = "Auto"
     min_improvement: float = 0.01
+    feedback_guard: FeedbackGuardSpec | None = None  # absent: no guard (opt-in)
 
     @property
     def manual(self) -> bool:
@@ -159,9 +170,20 @@ class FineTuneSpec:
             promotion=PromotionSpec(
                 mode=promotion.get("mode", "Auto"),
                 min_improvement=float(promotion.get("minImprovement", 0.01)),
+                feedback_guard=_feedback_guard(promotion.get("feedbackGuard")),
             ),
             pinned_version=spec.get("pinnedVersion") or None,
         )
+
+
+def _feedback_guard(guard: Mapping[str, Any] | None) -> FeedbackGuardSpec | None:
+    if guard is None:
+        return None
+    return FeedbackGuardSpec(
+        min_rated_replies=int(guard.get("minRatedReplies", 50)),
+        max_down_rate_increase=float(guard.get("maxDownRateIncrease", 0.05)),
+        confidence=float(guard.get("confidence", 0.95)),
+    )
 
 
 def _opt_int(value: Any) -> int | None:

@@ -164,6 +164,8 @@ def plan_rollout(spec: FineTuneSpec, desired: Desired, mounted: str | None, st: 
         return Plan("unmount", st)
     if desired.version == st.get("failedVersion"):
         return Plan("none", st)  # stays on what serves; phase says RolloutFailed
+    if desired.version == st.get("regressedVersion") and desired.source != "pinned":
+        return Plan("none", st)  # the feedback guard rolled it back: only a pin brings it back
     if mounted == desired.version and st.get("servingVersion") == desired.version:
         return Plan("none", st)
     st["rollout"] = {"version": desired.version, "fromVersion": st.get("servingVersion") or "",
