@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .adapter_metrics import EVAL_LOSSES, manifest_metrics
 from .generation import AdapterStatus
 
 # Chat latency on CPU ranges from tens of ms (tiny model) to tens of seconds (real model, long replies).
@@ -57,6 +58,13 @@ class Metrics:
             ["character", "state", "reason"],
             registry=self.registry,
         )
+        self.model_loaded = Gauge(
+            "chat_model_loaded", "1 once the base model and adapters are loaded.", registry=self.registry
+        )
+        self._add_version_metrics()
+
+    def _add_version_metrics(self) -> None:
+        """The metrics labelled by adapter version: users' thumbs and the serving run's eval losses."""
         self.feedback_votes = Counter(
             "chat_feedback_votes",
             "Thumbs up/down votes received, by character, the version that wrote the rated reply ('other' when this "
@@ -64,13 +72,22 @@ class Metrics:
             ["character", "version", "rating"],
             registry=self.registry,
         )
-        self.model_loaded = Gauge(
-            "chat_model_loaded", "1 once the base model and adapters are loaded.", registry=self.registry
+        self.adapter_eval_loss = Gauge(
+            "chat_adapter_eval_loss",
+            "Held-out eval loss of the run that trained the serving adapter, from its manifest: kind base (the base "
+            "model), replaced (the version it replaced) or adapter (itself).",
+            ["character", "version", "kind"],
+            registry=self.registry,
         )
 
     def set_adapters(self, statuses: dict[str, AdapterStatus]) -> None:
         self.adapter_info.clear()
         self.adapter_state.clear()
+        self.adapter_eval_loss.clear()
         for name, status in statuses.items():
             self.adapter_info.labels(character=name, version=status.serving_version).set(1)
             self.adapter_state.labels(character=name, state=status.state, reason=status.reason or "").set(1)
+            metrics = manifest_metrics(status) or {}
+            for kind, key in EVAL_LOSSES.items():
+                if metrics.get(key) is not None:
+                    self.adapter_eval_loss.labels(name, status.serving_version, kind).set(metrics[key])

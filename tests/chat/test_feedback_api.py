@@ -91,3 +91,14 @@ def test_versions_list_the_serving_one_with_its_metrics(client: httpx.Client) ->
     }  # fmt: skip
     sora = client.get("/v1/characters/sora/versions").json()["versions"]
     assert sora == [{"version": "base", "serving": True, "metrics": None, "feedback": None}]
+
+
+def test_the_serving_runs_eval_losses_are_metrics(make_settings, adapters_root, adapter_template, kit) -> None:
+    kit.mount_trained_adapter(adapter_template, adapters_root, "lumina")
+    with kit.serve(make_settings()) as base:
+        text = httpx.get(f"{base}/metrics").text
+    losses = {"base": "eval_loss_base", "replaced": "eval_loss_serving", "adapter": "eval_loss_adapter"}
+    for kind, key in losses.items():
+        line = f'chat_adapter_eval_loss{{character="lumina",kind="{kind}",version="20261126T030000Z"}}'
+        assert f"{line} {kit.trained_metrics[key]}" in text
+    assert 'chat_adapter_eval_loss{character="sora"' not in text  # base serves: no run, no losses

@@ -4,21 +4,15 @@ chart and the MCP server's `character_status`)."""
 
 from __future__ import annotations
 
-import json
-import logging
-from typing import Any
-
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..adapter_metrics import manifest_metrics
 from ..deps import ServiceDep, adapter_status, find_character
-from ..generation import AdapterStatus
 from ..schemas import VersionFeedbackInfo
 from ..store import version_order
 from .feedback import version_info
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["chat"])
 
@@ -37,22 +31,6 @@ class CharacterVersions(BaseModel):
     character: str
     serving_version: str | None = Field(description="what answers now; null while the model loads")
     versions: list[VersionRecord] = Field(description="base first, then versions oldest first, null last")
-
-
-def manifest_metrics(adapter: AdapterStatus | None) -> dict[str, Any] | None:
-    """The loaded adapter's manifest metrics (contract §2), None without a loaded adapter."""
-    if adapter is None or adapter.state != "loaded":
-        return None
-    try:
-        manifest = json.loads((adapter.path / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        # It was readable when the adapter loaded; a volume that went away since must not break the page.
-        log.warning("cannot read %s/manifest.json: %s", adapter.path, exc)
-        return None
-    metrics = manifest.get("metrics")
-    if not isinstance(metrics, dict):
-        return None
-    return {key: value for key, value in metrics.items() if isinstance(value, int | float) or value is None}
 
 
 @router.get(
