@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,29 @@ def test_settings_choose_the_engine_and_its_gate(settings: Settings) -> None:
 
 async def _gate(settings: Settings) -> asyncio.Lock | asyncio.Semaphore:
     return generation_gate(settings)
+
+
+def test_a_chat_template_adapter_is_served_when_the_base_tokenizer_renders_it(
+    settings: Settings, tiny_llama: Path, adapter_volume: Any, tmp_path: Path
+) -> None:
+    """Prompt formats are checked against the base tokenizer's chat template, as the in-process engine does."""
+    from chat_service.prompting import template_sha256
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    config_path = base / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text("utf-8")), "chat_template": template}),
+                           encoding="utf-8")
+    mounted = tmp_path / "models" / "lora_lumina"
+    shutil.copytree(adapter_volume.root / "lora_lumina" / adapter_volume.version, mounted)
+    manifest = json.loads((mounted / "manifest.json").read_text("utf-8"))
+    manifest.pop("prompt_template")
+    manifest.update(schema_version=2, prompt={"format": "chat_template", "template_sha256": template_sha256(template),
+                                              "system": "You are Lumina."})
+    (mounted / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    chat_settings = settings.model_copy(update={"base_model": str(base), "adapters_root": mounted.parent})
+    engine = engine_for(chat_settings, FakeEngine(), {"lumina": Character(name="lumina", display_name="Lumina")})
+    lumina = engine.adapter_for("lumina")
+    assert (lumina.state, lumina.prompt_format, lumina.system) == ("loaded", "chat_template", "You are Lumina.")
+    assert engine.model_name(lumina) == f"lumina-{adapter_volume.version}"
