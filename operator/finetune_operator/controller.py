@@ -33,6 +33,7 @@ from .manifests import (
     cronjob_name,
     deployment_field_manager,
     mount_apply_config,
+    target_engine,
     unmount_apply_config,
 )
 from .runs import (
@@ -362,8 +363,11 @@ class Controller:
             exit_code, message = terminated(pod)
             result = parse_result(message, exit_code, state)  # type: ignore[arg-type]
         spec = FineTuneSpec.from_dict(cr["spec"])
+        engine = target_engine(self.kube.get(deployment_path(namespace, spec.target.deployment)),
+                               spec.target.container)
         decision = gate(result, manual=spec.promotion.manual, min_improvement=spec.promotion.min_improvement,
-                        serving_version=status.get("servingVersion"), serving_metrics=status.get("servingMetrics"))
+                        serving_version=status.get("servingVersion"), serving_metrics=status.get("servingMetrics"),
+                        engine=engine)
         now = now_iso()
         record = run_record(job, result, decision, finished_at=job_finished_at(job, now))
         meta = cr["metadata"]

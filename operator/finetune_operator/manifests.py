@@ -304,6 +304,18 @@ def mounted_version(deployment: Mapping[str, Any], spec: FineTuneSpec) -> str | 
     return None
 
 
+def target_engine(deployment: Mapping[str, Any] | None, container: str) -> str | None:
+    """The serving engine a target declares: "vllm" when its chat container generates through an OpenAI-compatible
+    engine (`CHAT_ENGINE=openai`, what deploy/vllm sets: vLLM), else None (in-process generation)."""
+    for spec in _containers(deployment or {}):
+        if spec.get("name") != container:
+            continue
+        for variable in spec.get("env") or ():
+            if variable.get("name") == "CHAT_ENGINE" and variable.get("value") == "openai":
+                return "vllm"
+    return None
+
+
 def has_container(deployment: Mapping[str, Any], container: str) -> bool:
     return any(c.get("name") == container for c in _containers(deployment))
 

@@ -144,12 +144,18 @@ def gate(
     min_improvement: float,
     serving_version: str | None,
     serving_metrics: Mapping[str, Any] | None,
+    engine: str | None = None,
 ) -> GateDecision:
-    """Should the new adapter serve? Only a `trained` result can. Auto: iff its eval loss is at most
-    reference × (1 − minImprovement), the reference being the serving adapter's eval loss measured by this run
-    (or the serving adapter's recorded loss, or the base model's when nothing serves). Manual: wait for a person."""
+    """Should the new adapter serve? Only a `trained` result can, and only if the target's serving `engine` (None:
+    in-process) can load it, by the trainer's check. Auto: iff its eval loss is at most reference × (1 −
+    minImprovement), the reference being the serving adapter's eval loss measured by this run (or the serving
+    adapter's recorded loss, or the base model's when nothing serves). Manual: wait for a person."""
     if result.outcome != "trained":
         return GateDecision("none", result.reason or result.outcome)
+    verdict = result.compatibility.get(engine or "") or {}
+    if verdict.get("compatible") is False:
+        return GateDecision("reject", f"the target serves through {engine}, which cannot load this adapter: "
+                                      + "; ".join(verdict.get("reasons") or ["(no reason given)"]))
     if manual:
         return GateDecision("await", f"promotion is Manual: annotate llmmultichat.io/promote={result.version}")
     adapter = result.metrics.get("eval_loss_adapter")

@@ -10,6 +10,7 @@ from finetune_operator.manifests import (
     has_container,
     mount_apply_config,
     mounted_version,
+    target_engine,
     trainer_args,
     unmount_apply_config,
 )
@@ -175,3 +176,14 @@ def test_mounted_version_reads_the_live_deployment(spec: FineTuneSpec) -> None:
     assert mounted_version(deployment, spec) == "20261126T030000Z"
     assert has_container(deployment, "chat") and not has_container(deployment, "web")
     assert mounted_version({"spec": {"template": {"spec": {"containers": [{"name": "chat"}]}}}}, spec) is None
+
+
+def test_target_engine_is_what_the_chat_container_declares() -> None:
+    def chat(env: list[dict[str, str]], name: str = "chat") -> dict[str, Any]:
+        return {"spec": {"template": {"spec": {"containers": [{"name": name, "env": env}]}}}}
+
+    assert target_engine(chat([{"name": "CHAT_ENGINE", "value": "openai"}]), "chat") == "vllm"  # deploy/vllm's patch
+    assert target_engine(chat([{"name": "CHAT_ENGINE", "value": "inprocess"}]), "chat") is None
+    assert target_engine(chat([]), "chat") is None
+    assert target_engine(chat([{"name": "CHAT_ENGINE", "value": "openai"}], name="sidecar"), "chat") is None
+    assert target_engine(None, "chat") is None  # no Deployment (yet): nothing declared

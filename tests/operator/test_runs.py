@@ -222,3 +222,21 @@ def test_engine_compatibility_is_read_and_recorded() -> None:
         "tgi": {"compatible": True, "reasons": [], "maxLoraRank": None}}
     assert "compatibility" not in run_record(job(), parse_result(json.dumps(TRAINED), 0, "Complete"), decision,
                                              finished_at="2026-11-26T03:05:00Z")
+
+
+def test_an_adapter_a_vllm_target_cannot_load_is_not_promoted() -> None:
+    gpt2 = {"vllm": {"compatible": False, "max_lora_rank": 8,
+                     "reasons": ["architecture GPT2LMHeadModel: vLLM implements no LoRA for it"]}}
+    incompatible = parse_result(json.dumps(TRAINED | {"compatibility": gpt2}), 0, "Complete")
+    kwargs: dict[str, Any] = {"min_improvement": 0.01, "serving_version": None, "serving_metrics": None}
+    refused = gate(incompatible, manual=False, engine="vllm", **kwargs)
+    assert refused.verdict == "reject"
+    assert refused.reason == ("the target serves through vllm, which cannot load this adapter: architecture "
+                              "GPT2LMHeadModel: vLLM implements no LoRA for it")
+    assert gate(incompatible, manual=True, engine="vllm", **kwargs).verdict == "reject"  # never a candidate
+    # In-process serving loads it; a compatible adapter, or a result without a verdict, goes through the usual gate.
+    assert gate(incompatible, manual=False, engine=None, **kwargs).verdict == "promote"
+    compatible = parse_result(json.dumps(TRAINED | {"compatibility": {"vllm": {"compatible": True}}}), 0, "Complete")
+    assert gate(compatible, manual=False, engine="vllm", **kwargs).verdict == "promote"
+    assert gate(parse_result(json.dumps(TRAINED), 0, "Complete"), manual=False, engine="vllm", **kwargs).verdict \
+        == "promote"
