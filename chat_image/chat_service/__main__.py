@@ -23,7 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chat_service: {exc}", file=sys.stderr)
         return 2
     # One worker: the model lives in this process; scale out with replicas (and PostgreSQL), not workers.
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), proxy_headers=True)
+    # On SIGTERM uvicorn stops accepting, lets the requests and streams in flight finish (at most the grace time; the
+    # pod's terminationGracePeriodSeconds covers it), then closes the store.
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), proxy_headers=True,
+                timeout_graceful_shutdown=settings.shutdown_grace_seconds)
     return 0
 
 

@@ -12,8 +12,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from . import __version__
+from .apidoc import method_not_allowed
 from .characters import Character, load_characters
 from .config import Settings
 from .deps import Service
@@ -89,6 +91,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics, skip=lambda path: path == "/metrics")
     app.add_exception_handler(EngineUnavailable, engine_unavailable)
+    app.add_exception_handler(HTTPException, method_not_allowed)  # type: ignore[arg-type]
     for router in ROUTERS:
         app.include_router(router)
     return app

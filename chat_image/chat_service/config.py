@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     )
     context_chars: int = Field(1000, ge=0, description="that context is cut to its last this many characters")
     log_level: str = Field("info")
+    shutdown_grace_seconds: float = Field(
+        45.0, gt=0, description="after SIGTERM, how long requests and streams in flight may take to finish"
+    )
     engine: Literal["inprocess", "openai"] = Field(
         "inprocess", description="who generates: this process (transformers + PEFT) or an OpenAI-compatible engine"
     )

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 SESSION_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+# Numbers, booleans and times in request bodies take the JSON type their schema names and nothing converted to it
+# (`false` is not a number, "3" is not an integer, 0 is not a time), as the OpenAPI document says; 3.0 is an integer,
+# as in JSON Schema.
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("Input should be a JSON number")
+    return value
+
+
+def _rfc3339_text(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("expected an RFC 3339 string with an offset, e.g. 2026-11-20T10:00:00Z")
+    return value
+
+
+# Last in a field's Annotated[...], after its bounds (before them, the bounds leave the JSON schema).
+JSON_NUMBER = BeforeValidator(_json_number)
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 
 
 class ChatRequest(BaseModel):
@@ -17,8 +37,12 @@ class ChatRequest(BaseModel):
         None, pattern=SESSION_PATTERN, description="conversation id; omitted → a new session is started"
     )
     message: str = Field(min_length=1, description="the user's message (length limit: CHAT_MAX_MESSAGE_CHARS)")
-    max_tokens: int | None = Field(None, ge=1, description="reply length limit; default from the character")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default from the character")
+    max_tokens: Annotated[int, Field(ge=1), JSON_NUMBER] | None = Field(
+        None, description="reply length limit; default from the character"
+    )
+    temperature: Annotated[float, Field(ge=0.0, le=2.0), JSON_NUMBER] | None = Field(
+        None, description="0 = greedy; default from the character"
+    )
 
 
 class ChatResponse(BaseModel):
@@ -35,7 +59,7 @@ class ChatResponse(BaseModel):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    message_id: int = Field(ge=1, description="message_id of an assistant reply")
+    message_id: Annotated[int, Field(ge=1), JSON_NUMBER] = Field(description="message_id of an assistant reply")
     feedback: Literal["up", "down"]
 
 
@@ -82,7 +106,7 @@ class ImportMessage(BaseModel):
     character: str
     role: Literal["user", "assistant"]
     content: str
-    created_at: AwareDatetime = Field(description="RFC 3339 with offset; kept as recorded")
+    created_at: Rfc3339 = Field(description="RFC 3339 with offset; kept as recorded")
     feedback: Literal["up", "down"] | None = Field(None, description="assistant messages only")
 
 
@@ -147,10 +171,10 @@ class CompletionRequest(BaseModel):
 
     model: str = Field(description="the character name", examples=["lumina"])
     messages: list[OpenAIMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stream: bool = False
+    max_tokens: Annotated[int, Field(ge=1), JSON_NUMBER] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), JSON_NUMBER] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0), JSON_NUMBER] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0), JSON_NUMBER] | None = None
+    n: Annotated[int, Field(ge=1, le=1), JSON_NUMBER] = Field(1, description="only 1 is supported")
+    stream: bool = Field(False, strict=True)
     user: str | None = Field(None, description="stored as the session id when no X-Session-Id header is sent")

@@ -7,6 +7,7 @@ import uuid
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
+from ..apidoc import BODY_ERRORS, MODEL_NOT_READY, UNKNOWN_CHARACTER
 from ..deps import ServiceDep, find_character, serving_for
 from ..prompting import Turn, build_prompt
 from ..schemas import ChatRequest, ChatResponse
@@ -15,7 +16,12 @@ from ..validation import check_message_length
 router = APIRouter(tags=["chat"])
 
 
-@router.post("/v1/chat", response_model=ChatResponse, summary="Send a message, get the reply")
+@router.post(
+    "/v1/chat",
+    response_model=ChatResponse,
+    summary="Send a message, get the reply",
+    responses={**BODY_ERRORS, **UNKNOWN_CHARACTER, **MODEL_NOT_READY},
+)
 async def chat(body: ChatRequest, service: ServiceDep) -> ChatResponse:
     character = find_character(service, body.character)
     check_message_length(body.message, service.settings.max_message_chars, ("body", "message"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from starlette.concurrency import run_in_threadpool
 
+from ..apidoc import BODY_ERRORS, rules
 from ..deps import Service, ServiceDep, adapter_status, find_character
 from ..generation import BASE_VERSION
 from ..schemas import CharacterFeedback, FeedbackRequest, FeedbackResponse, VersionFeedbackInfo
@@ -25,7 +26,12 @@ def version_label(service: Service, reply: StoredMessage) -> str:
     return reply.adapter_version if reply.adapter_version in known else OTHER_VERSION
 
 
-@router.post("/v1/feedback", response_model=FeedbackResponse, summary="Thumbs up/down on a reply")
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackResponse,
+    summary="Thumbs up/down on a reply",
+    responses={**BODY_ERRORS, 404: {"description": "no message with this id"}, **rules("the message is a reply")},
+)
 async def feedback(body: FeedbackRequest, service: ServiceDep) -> FeedbackResponse:
     try:
         message = await run_in_threadpool(service.store.set_feedback, body.message_id, body.feedback)

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime
 
+from ..apidoc import BODY_ERRORS, UNKNOWN_CHARACTER, rules
 from ..deps import ServiceDep, StoreDep, find_character, require_history_token
 from ..schemas import HistoryPage, ImportMessage, ImportRequest, ImportResponse
 from ..store import InvalidCursor, NewMessage, StoredMessage, decode_cursor, encode_cursor
@@ -43,7 +44,11 @@ def history_message(m: StoredMessage) -> dict[str, Any]:
     "/v1/history",
     response_model=HistoryPage,
     summary="A character's messages in id order, paged (for the trainer)",
-    responses={**UNAUTHORIZED, 404: {"description": "unknown character"}},
+    responses={
+        **UNAUTHORIZED,
+        **UNKNOWN_CHARACTER,
+        **rules("`until` after `since`", "a `cursor` this service returned"),
+    },
 )
 def history(
     service: ServiceDep,
@@ -89,7 +94,11 @@ def import_errors(messages: list[ImportMessage], known: Collection[str]) -> list
     response_model=ImportResponse,
     status_code=status.HTTP_201_CREATED,
     summary="Import recorded conversations (all or nothing)",
-    responses=UNAUTHORIZED,
+    responses={
+        **UNAUTHORIZED,
+        **BODY_ERRORS,
+        **rules("each message's character is a known one", "only assistant messages carry feedback"),
+    },
 )
 def import_history(body: ImportRequest, service: ServiceDep, store: StoreDep) -> ImportResponse:
     errors = import_errors(body.messages, service.characters)

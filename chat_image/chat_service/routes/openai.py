@@ -16,6 +16,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..apidoc import BODY_ERRORS, MODEL_NOT_READY, UNKNOWN_CHARACTER, rules
 from ..deps import Service, ServiceDep, Serving, find_character, serving_for
 from ..generation import GenerationResult
 from ..prompting import Prompt, Turn, build_prompt
@@ -112,7 +113,13 @@ def completion_answer(completion: Completion, result: GenerationResult, reply: S
 @router.post(
     "/v1/chat/completions",
     summary="OpenAI-compatible chat completion (model = character)",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"},
+        **BODY_ERRORS,
+        **UNKNOWN_CHARACTER,
+        **rules("the last message is the user's", "`user` matches the session id pattern when no X-Session-Id"),
+        **MODEL_NOT_READY,
+    },
 )
 async def chat_completions(
     body: CompletionRequest,
