@@ -190,7 +190,7 @@ def test_the_loop_runs_as_real_pods(node_cluster: Cluster) -> None:
         history = conversations.generate_history(name, sessions=160, seed=seed, start=now - timedelta(days=25),
                                                  end=now - timedelta(minutes=1))
         assert import_history(url, token, history) > 0
-    assert serving_version(url, CHARACTER) is None
+    before = serving_version(url, CHARACTER)  # the base model: no adapter promoted yet
     prompts = conversations.held_out_prompts(CHARACTER)
     sample_replies(url, CHARACTER, prompts[:1])
 
@@ -216,7 +216,7 @@ def test_the_loop_runs_as_real_pods(node_cluster: Cluster) -> None:
     mounts = {m["mountPath"] for m in new_chat["spec"]["containers"][0]["volumeMounts"]}
     assert f"/models/lora_{CHARACTER}" in mounts
     new_url = f"http://{new_chat['status']['podIP']}:8000"
-    assert serving_version(new_url, CHARACTER) == version
+    assert serving_version(new_url, CHARACTER) == version != before
     assert all(sample_replies(new_url, CHARACTER, prompts[:2]))
 
     pod = new_chat["metadata"]["name"]
