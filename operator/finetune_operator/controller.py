@@ -92,6 +92,9 @@ class Controller:
             return self._locks.setdefault((namespace, name), threading.RLock())
 
     def _crash(self, point: str) -> None:
+        """Fault injection (FINETUNE_CRASH_POINT, one of settings.FAULT_POINTS): exit hard right here, as an OOM
+        kill or a node loss would, so that a test can restart the operator and check that nothing is lost or done
+        twice (tests/reliability/test_operator_crash_cluster.py)."""
         if self.settings.crash_point == point:
             log.error("fault injection: exiting hard at %s", point)
             os._exit(137)
@@ -160,6 +163,7 @@ class Controller:
         status = dict(cr.get("status") or {})
         now = now_iso()
         cronjob_error = self._apply_cronjob(cr, spec, status.get("servingVersion"))
+        self._crash("after-cronjob-applied")
         deployment = self.kube.get(deployment_path(namespace, spec.target.deployment))
         plan = plan_serving(spec=spec, annotations=annotations, status=status, deployment=deployment, now=now)
         new_status = plan.status
@@ -176,12 +180,18 @@ class Controller:
         new_status = finalize(spec, annotations, new_status,
                               Observed(int(meta.get("generation") or 0), cronjob_error, target_error), now)
         self._write_status(cr, status, new_status)
+        if (new_status.get("rollout") or {}).get("rollback") and not (status.get("rollout") or {}).get("rollback"):
+            self._crash("after-rollback-started")
+        elif new_status.get("rollout") and not status.get("rollout"):
+            self._crash("after-rollout-started")
         self._emit(cr, plan.events)
         for counter in plan.counters:
             (metrics.PROMOTIONS if counter == "promotion" else metrics.ROLLBACKS).labels(namespace, name).inc()
         if new_status.get("servingVersion") != status.get("servingVersion"):
+            self._crash("after-rollout-observed")
             # The trainer's --serving-version follows what serves.
             self._apply_cronjob(cr, spec, new_status.get("servingVersion"))
+            self._crash("after-serving-cronjob")
         if new_status.get("rollout"):
             return self.settings.rollout_poll_seconds
         if target_error or cronjob_error:
@@ -346,6 +356,7 @@ class Controller:
         new = finalize(spec, meta.get("annotations") or {}, mark_active(status, job),
                        Observed(int(meta.get("generation") or 0)), now_iso())
         self._write_status(cr, status, new)
+        self._crash("after-job-seen")
 
     def _record(self, cr: Mapping[str, Any], job: Mapping[str, Any], state: str) -> bool:
         status = dict(cr.get("status") or {})
@@ -376,10 +387,13 @@ class Controller:
         if decision.verdict == "promote":
             # Start of the "finished Job → Deployment patched" latency; only an approved version gets patched.
             self._job_seen[(meta["namespace"], meta["name"], result.version)] = time.monotonic()
+        self._crash("after-result-read")
         self._write_status(cr, status, new)
+        self._crash("after-run-status-written")
         log.info("recorded Job %s/%s for %s: %s (%s)", namespace, job_meta["name"], meta["name"],
                  record["outcome"], record.get("reason"))
         self._emit(cr, [run_event(record)])
+        self._crash("after-run-event")
         metrics.RUNS.labels(meta["namespace"], meta["name"], record["outcome"]).inc()
         if result.outcome == "trained":
             metrics.LAST_SUCCESS.labels(meta["namespace"], meta["name"]).set(time.time())
@@ -413,6 +427,7 @@ class Controller:
             except KubeError as exc:
                 if exc.status != 404:
                     raise
+            self._crash("after-unmount")  # before kopf removes the finalizer
         metrics.forget(namespace, name)
         with self._guard:
             self._locks.pop((namespace, name), None)

@@ -13,6 +13,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # Set to "" these mean something ("no liveness endpoint", "no fault"); any other knob set to "" keeps its default,
 # as a `- name: FINETUNE_X` line with an empty value in a manifest always did.
 EMPTY_IS_A_VALUE = frozenset({"namespaces", "liveness_endpoint", "crash_point"})
+# The operator's fault-injection points, in the order of its flow (controller.Controller._crash): CronJob applied →
+# Job seen running → result read and gated → run written to status → its Event → Job marked recorded → mount applied
+# → rollout (or rollback) started in status → rollout observed complete → CronJob's --serving-version updated;
+# and on deletion, the mount removed before the finalizer goes.
+FAULT_POINTS = ("after-cronjob-applied", "after-job-seen", "after-result-read", "after-run-status-written",
+                "after-run-event", "after-run-recorded", "after-deployment-patched", "after-rollout-started",
+                "after-rollback-started", "after-rollout-observed", "after-serving-cronjob", "after-unmount")
 
 
 class Settings(BaseSettings):
@@ -48,7 +55,7 @@ class Settings(BaseSettings):
     trainer_uid: int = 10001
     #: `json` (structured) or `plain` logs.
     log_format: Literal["json", "plain"] = "json"
-    #: Fault injection for the restart-safety test only: the operator exits hard at this point ("after-run-recorded").
+    #: Fault injection for the restart-safety tests only: the operator exits hard at this point (one of FAULT_POINTS).
     crash_point: str = ""
 
     @field_validator("*", mode="before")
@@ -56,6 +63,13 @@ class Settings(BaseSettings):
     def _empty_keeps_default(cls, value: Any, info: ValidationInfo) -> Any:
         if value == "" and info.field_name not in EMPTY_IS_A_VALUE:
             return cls.model_fields[info.field_name].default
+        return value
+
+    @field_validator("crash_point")
+    @classmethod
+    def _known_fault_point(cls, value: str) -> str:
+        if value and value not in FAULT_POINTS:
+            raise ValueError(f"unknown fault point {value!r}; one of {', '.join(FAULT_POINTS)}")
         return value
 
     @field_validator("namespaces", mode="before")
