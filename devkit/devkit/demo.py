@@ -43,6 +43,7 @@ from devkit.model import ensure_embedded_model
 from devkit.paths import REPO_ROOT as REPO
 from devkit.paths import SAMPLE_FINETUNE as SAMPLE
 from devkit.podrunner import LocalPod, pvc_local_path, run_pod, start_pod_process, wait_for_pod
+from devkit.rollsim import local_args
 
 NAMESPACE = "llmmultichat"
 BASE_MODEL_CLAIM = "llmmultichat-base-model"
@@ -134,18 +135,11 @@ def start_chat(cluster: Cluster, port: int, *, exclude: set[str] = frozenset()) 
         lambda: _current_chat_pod(cluster, exclude),
         timeout=120,
     )
-    local = start_pod_process(cluster, NAMESPACE, pod_name, args_override=_listen_locally(cluster, pod_name, port))
+    pod = kube_json(cluster, "-n", NAMESPACE, "get", "pod", pod_name)
+    local = start_pod_process(cluster, NAMESPACE, pod_name, args_override=local_args(pod, port))
     url = f"http://127.0.0.1:{port}"
     wait_chat_ready(url, local.process, local.stderr_path, timeout=180)
     return local, pod_name, url
-
-
-def _listen_locally(cluster: Cluster, pod_name: str, port: int) -> list[str]:
-    """The pod's own args, with the listen address moved to a free loopback port (pods share no network here)."""
-    args = list(kube_json(cluster, "-n", NAMESPACE, "get", "pod", pod_name)["spec"]["containers"][0].get("args", []))
-    for flag, value in (("--host", "127.0.0.1"), ("--port", str(port))):
-        args[args.index(flag) + 1] = value
-    return args
 
 
 def _current_chat_pod(cluster: Cluster, exclude: set[str]) -> str | None:
