@@ -192,6 +192,7 @@ def import_into_node(ref: str, image_id: str) -> float:
     node_bins = _node_bins()
     held = node_image(ref)
     if held and held[1] == f"sha256:{image_id}":
+        _pin(node_bins, ref)
         return 0.0
     started = time.monotonic()
     # Streamed through a FIFO: gigabytes are not written to disk and read back once more on the way.
@@ -206,7 +207,14 @@ def import_into_node(ref: str, image_id: str) -> float:
             _, push_errors = push.communicate(timeout=120)
         if push.returncode != 0:
             raise cp.ClusterError(f"buildah push {ref} failed (exit {push.returncode}): {push_errors.strip()}")
+    _pin(node_bins, ref)
     return time.monotonic() - started
+
+
+def _pin(bins: Path, ref: str) -> None:
+    """Pinned, as the sandbox image is: the kubelet's disk-pressure reclaim removes unused images, and these cannot
+    be pulled back (it did remove them once on this shared disk)."""
+    realnode.ctr(bins, "images", "label", ref, "io.cri-containerd.pinned=pinned")
 
 
 def main(argv: list[str] | None = None) -> int:

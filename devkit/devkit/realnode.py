@@ -234,9 +234,10 @@ def _kubelet_config(ports: dict[str, int]) -> dict[str, Any]:
         "registerWithTaints": [{"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}],
         "podLogsDir": str(p["pod_logs"]), "volumePluginDir": str(p["plugins"]),
         "clusterDomain": "cluster.local", "failSwapOn": False, "rotateCertificates": False,
-        # A shared development disk: no evictions for disk pressure, and the imported images are never collected
-        # (they cannot be pulled back).
-        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+        # A shared development disk: evictions only when it is nearly full, and no image GC by usage (the imported
+        # images cannot be pulled back; they are also pinned, which disk-pressure reclaim respects).
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
+                         "nodefs.inodesFree": "1%", "imagefs.inodesFree": "1%"},
         "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
         "serializeImagePulls": False, "maxPods": 30, "nodeStatusReportFrequency": "10s",
         "containerLogMaxSize": "10Mi", "shutdownGracePeriod": "0s",
@@ -320,7 +321,9 @@ def image_present(bins: Path, name: str) -> bool:
 
 def import_archive(bins: Path, archive: Path) -> None:
     """Imports an image archive (OCI or docker) into the kubelet's namespace, unpacked for overlayfs."""
-    ctr(bins, "images", "import", "--no-unpack=false", "--snapshotter", "overlayfs", "-", input_path=archive)
+    # Unpacked layers leave the content store: the snapshots are what runs, and a torch image is gigabytes twice.
+    ctr(bins, "images", "import", "--local", "--snapshotter", "overlayfs", "--discard-unpacked-layers", "-",
+        input_path=archive)
 
 
 # ---------------------------------------------------------------------------------------------------------- start
