@@ -22,7 +22,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -89,7 +89,7 @@ class ChatNode:
         for pod in [*self.pods.values(), *self.ended]:
             pod.local.stop(timeout=10)
 
-    def _guarded(self, loop: Any) -> None:
+    def _guarded(self, loop: Callable[[], None]) -> None:
         try:
             loop()
         except Exception as exc:  # a broken simulation must fail the test, not hang it
@@ -115,8 +115,9 @@ class ChatNode:
         name = pod["metadata"]["name"]
         local = start_pod_process(self.cluster, self.namespace, name, env_overrides=self.env,
                                   args_override=local_args(pod, port))
-        self.pods[name] = LocalChatPod(name, f"http://127.0.0.1:{port}", local, *_lifecycle(pod))
-        threading.Thread(target=self._guarded, args=(lambda: self._probe(self.pods[name]),), daemon=True).start()
+        chat_pod = LocalChatPod(name, f"http://127.0.0.1:{port}", local, *_lifecycle(pod))
+        self.pods[name] = chat_pod
+        threading.Thread(target=self._guarded, args=(lambda: self._probe(chat_pod),), daemon=True).start()
 
     def _probe(self, pod: LocalChatPod) -> None:
         """The readiness probe, until it first passes; then the pod's Ready condition, as the kubelet writes it."""
