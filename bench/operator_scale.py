@@ -175,10 +175,9 @@ def reconcile_errors(metrics_text: str) -> int:
 
 @contextmanager
 def environment(cluster: Any, tmp: Path) -> Iterator[Any]:
+    from devkit import harness
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config
-
-    from devkit import harness
 
     harness.install_crd(cluster)
     env = harness.Env(cluster, tmp)

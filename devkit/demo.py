@@ -28,7 +28,6 @@ from typing import Any
 
 import httpx
 import yaml
-
 from devkit import conversations
 from devkit.cluster import Cluster, ensure_cluster
 from devkit.harness import (

@@ -23,7 +23,6 @@ from typing import Any
 
 import httpx
 import yaml
-
 from devkit.cluster import Cluster
 from devkit.paths import CRD, DEPLOY, REPO_ROOT
 from devkit.podrunner import NEVER_READY_ANNOTATION, release_pod, wait_for_pod

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-
 from devkit.paths import DEPLOY
 
 KUSTOMIZATION = DEPLOY / "kustomization.yaml"

@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-
 from devkit.cluster import Cluster
 from devkit.podrunner import LocalPod, start_pod_process
 from devkit.waiting import free_port

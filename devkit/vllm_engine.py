@@ -30,7 +30,6 @@ from typing import IO
 
 import httpx
 import yaml
-
 from devkit.paths import DEPLOY, REPO_ROOT
 
 ENGINE_MANIFEST = DEPLOY / "vllm" / "engine.yaml"

@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from devkit.cluster import Cluster
-
 from devkit import demo
+from devkit.cluster import Cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from devkit import conversations, localimages
 from devkit.cluster import Cluster, read_state, using_cluster
 from devkit.demo import import_history, sample_replies, serving_version
 from devkit.model import ensure_embedded_model
@@ -31,8 +32,6 @@ from devkit.paths import DEPLOY, SAMPLE_FINETUNE
 from devkit.podrunner import pvc_local_path
 from devkit.realnode import NODE_IP, NODE_NAME, NODE_SELECTOR, TOLERATION
 from devkit.waiting import wait_until
-
-from devkit import conversations, localimages
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
 

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator.spec import FineTuneSpec
-
 from devkit import harness
+from finetune_operator.spec import FineTuneSpec
 
 SAMPLE_SPEC: dict[str, Any] = {
     "character": "lumina",

@@ -11,13 +11,12 @@ import time
 from typing import Any
 
 import pytest
+from devkit import harness
 from devkit.harness import NEVER_READY_ANNOTATION, Env, trained, wait_until
 from devkit.podrunner import pvc_local_path
 from finetune_operator.manifests import build_cronjob
 from finetune_operator.settings import Settings
 from finetune_operator.spec import FineTuneSpec
-
-from devkit import harness
 
 pytestmark = pytest.mark.cluster
 
