@@ -99,8 +99,6 @@ def test_every_pod_of_the_product_is_admitted_as_restricted(cluster: Cluster, re
     assert {where: why for where, why in refused.items() if why} == {}
 
 
-@pytest.mark.xfail(strict=True, reason="deploy/vllm/engine.yaml sets no restricted securityContext yet (the vLLM "
-                   "engine's manifest); strict: this fails as soon as it does, so drop the mark then")
 def test_the_vllm_engine_pod_is_admitted_as_restricted(cluster: Cluster, restricted_namespace: str) -> None:
     templates = {where: t for where, t in pod_templates(cluster) if where.startswith("deploy/vllm")}
     assert templates
