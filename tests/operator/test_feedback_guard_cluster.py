@@ -104,7 +104,11 @@ def test_guard_rolls_back_a_disliked_version_keeps_a_liked_one_and_waits_for_rat
     findings["disliked"] = status["servingFeedback"]
     assert findings["disliked"]["decision"] == "FeedbackRegression" and findings["disliked"]["pValue"] < 0.05
     assert status["approvedVersion"] == V1 and env.mounts()["/models/lora_lumina"] == f"lora_lumina/{V1}"
-    assert {h["version"]: h["feedback"]["down"] for h in status["history"]} == {V2: 24, V1: 4}
+    # The guard decides at the first poll with enough ratings and a significant drop, which may come before the last
+    # of the 30 votes above is in: history keeps the counts the decision was made on, not the final ones.
+    recorded = {h["version"]: h["feedback"] for h in status["history"]}
+    assert recorded[V1]["down"] == 4 and recorded[V2]["down"] == findings["disliked"]["down"]
+    assert 14 <= recorded[V2]["down"] <= 24 and recorded[V2]["up"] + recorded[V2]["down"] >= GUARD["minRatedReplies"]
     (event,) = env.events("FeedbackRegression")
     assert event["type"] == "Warning" and event["involvedObject"]["name"] == "lumina"
     assert {"RolledBack"} <= {e["reason"] for e in env.events()}
