@@ -47,7 +47,8 @@ USERS_LOCK = STATE_DIR / ".users.lock"
 SERVICE_CIDR = "10.96.0.0/16"
 STORAGE_CLASS = "local-hostpath"
 POOL_LABEL = "llmmultichat.io/volume-pool"
-# Available hostPath volumes kept in the pool; Released ones are recycled (wiped and unbound) on every ensure.
+# Available hostPath volumes kept in the pool; Released ones are recycled (wiped and unbound) on every ensure and
+# before every new namespace.
 POOL_SIZE = 20
 PV_CAPACITY = "5Gi"
 # Start order; shutdown goes the other way.
@@ -131,7 +132,9 @@ class Cluster:
         self.kubectl("apply", *ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
 
     def create_namespace(self, name: str, timeout: float = 30) -> None:
-        """Creates a namespace (if missing) and waits for its default ServiceAccount, without which pods are refused."""
+        """Creates a namespace (if missing) and waits for its default ServiceAccount, without which pods are refused.
+        The volume pool is refilled first: a test session makes more claims than one pool holds."""
+        refill_volume_pool(self)
         self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         deadline = time.monotonic() + timeout
         while self.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode != 0:
