@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -53,3 +56,18 @@ def cluster() -> Iterator[Cluster]:
 
     with using_cluster() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def endless_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model with EOS in its generation config's `suppress_tokens`: whatever its weights (they differ from
+    one CPU to another), a reply cannot end before max_tokens, so a test can count on a long generation."""
+    from devkit.model import ensure_embedded_model
+
+    target = tmp_path_factory.mktemp("endless-base") / "model"
+    shutil.copytree(ensure_embedded_model(progress=False), target)
+    config_file = target / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    config["suppress_tokens"] = [config["eos_token_id"]]
+    config_file.write_text(json.dumps(config))
+    return target

@@ -306,19 +306,6 @@ def test_corrupted_adapter_over_http_still_answers_and_reports(
     assert characters[0]["adapter"]["reason"] == "incompatible"
 
 
-@pytest.fixture(scope="session")
-def endless_base(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded model with EOS in its generation config's `suppress_tokens`: whatever its weights, a reply
-    cannot end before max_tokens."""
-    target = tmp_path_factory.mktemp("endless-base") / "model"
-    shutil.copytree(base_model_dir, target)
-    config_file = target / "generation_config.json"
-    config = json.loads(config_file.read_text())
-    config["suppress_tokens"] = [config["eos_token_id"]]
-    config_file.write_text(json.dumps(config))
-    return target
-
-
 def test_stream_cancel_stops_generation(make_settings: Callable[..., Settings], endless_base: Path) -> None:
     """Setting the cancel event (what the SSE endpoint does when the client leaves) ends generation early."""
     models = manager(make_settings(base_model=str(endless_base)))
