@@ -16,16 +16,18 @@ import httpx
 import pytest
 from devkit.cluster import Cluster
 from devkit.harness import ChatProcess, Env, environment, install_crd, log_tail, wait_until
+from devkit.model import ensure_embedded_model
 from devkit.podrunner import run_pod
 
 pytestmark = pytest.mark.cluster
 
 
 def chat_service(tmp_path: Path, token: str) -> ChatProcess:
-    """The real chat service; its model is never needed here (the history API works while it has none)."""
-    env = {**os.environ, "HISTORY_TOKEN": token, "BASE_MODEL": str(tmp_path / "no-model"), "HF_HUB_OFFLINE": "1"}
+    """The real chat service on the embedded model (a base model it cannot load stops it at once, by design)."""
+    env = {**os.environ, "HISTORY_TOKEN": token, "BASE_MODEL": str(ensure_embedded_model(progress=False)),
+           "HF_HUB_OFFLINE": "1"}
     chat = ChatProcess(["--db", str(tmp_path / "chat.db")], env, tmp_path / "chat.log").start()
-    wait_until("the chat service's liveness", lambda: _answers(chat.url), timeout=60)
+    wait_until("the chat service's liveness", lambda: _answers(chat.url), timeout=180)
     return chat
 
 
