@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -104,17 +105,18 @@ def parse_result(message: str | None, exit_code: int | None, job_state: JobState
             except ValueError:
                 continue
     if not isinstance(data, dict):
-        reason = text or "the trainer left no result"
-        if exit_code not in (None, 0):
-            reason = f"exit code {exit_code}: {reason}"
-        # A log tail says what broke at its end: keep the end.
-        return TrainerResult(outcome="failed", reason=_clip_tail(reason), exit_code=exit_code)
+        prefix = f"{exit_description(exit_code)}: " if exit_code not in (None, 0) else ""
+        if not text:
+            return TrainerResult(outcome="failed", reason=prefix + "the trainer left no result", exit_code=exit_code)
+        # A log tail says what broke at its end: keep the end (and what ended the process, in front).
+        return TrainerResult(outcome="failed", reason=prefix + "last log lines: " +
+                             _clip_tail(text, MAX_REASON - len(prefix) - 16), exit_code=exit_code)
     outcome = data.get("outcome")
     reason = data.get("reason")
     if job_state == "Failed" or exit_code not in (None, 0):
         outcome = "failed"
         if not reason:
-            reason = f"trainer exited with code {exit_code}" if exit_code else "the Job failed"
+            reason = f"trainer {exit_description(exit_code)}" if exit_code else "the Job failed"
     if outcome not in ("trained", "skipped", "failed"):
         return TrainerResult(outcome="failed", reason=f"unknown outcome {outcome!r} in trainer result",
                              exit_code=exit_code)
@@ -260,5 +262,19 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
 
 
-def _clip_tail(text: str) -> str:
-    return text if len(text) <= MAX_REASON else "…" + text[-(MAX_REASON - 1):]
+def _clip_tail(text: str, limit: int = MAX_REASON) -> str:
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
+def exit_description(exit_code: int | None) -> str:
+    """What an exit code says: runtimes report a process ended by signal N as 128 + N. A SIGKILL leaves no result
+    behind — the kernel's OOM killer, an eviction or node loss, a deletion past its grace period."""
+    if exit_code is not None and 128 < exit_code < 128 + 65:
+        try:
+            name = signal.Signals(exit_code - 128).name
+        except ValueError:
+            return f"exited with code {exit_code}"
+        cause = {"SIGKILL": " (out of memory, eviction, node loss, or deleted past its grace period)",
+                 "SIGTERM": " (pod deleted or its deadline passed)"}.get(name, "")
+        return f"killed by {name}{cause}, exit code {exit_code}"
+    return f"exited with code {exit_code}"

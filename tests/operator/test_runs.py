@@ -91,7 +91,26 @@ def test_a_failed_job_is_failed_whatever_it_printed() -> None:
 def test_log_tail_instead_of_json() -> None:
     result = parse_result("Traceback (most recent call last):\n  ...\nRuntimeError: boom", 1, "Failed")
     assert result.outcome == "failed" and "RuntimeError: boom" in (result.reason or "")
-    assert (result.reason or "").startswith("exit code 1")
+    assert (result.reason or "").startswith("exited with code 1: last log lines: Traceback")
+
+
+def test_a_killed_trainer_is_named_by_its_signal_and_keeps_its_last_log_lines() -> None:
+    tail = "\n".join(f"training step {n}" for n in range(500)) + "\ncollected 170 messages"
+    result = parse_result(tail, 137, "Failed")
+    reason = result.reason or ""
+    assert result.outcome == "failed" and result.exit_code == 137 and len(reason) <= 1024
+    assert reason.startswith("killed by SIGKILL (out of memory, eviction, node loss, or deleted past its grace "
+                             "period), exit code 137: last log lines: …")
+    assert reason.endswith("collected 170 messages")
+    assert parse_result("", 137, "Failed").reason == (
+        "killed by SIGKILL (out of memory, eviction, node loss, or deleted past its grace period), exit code 137: "
+        "the trainer left no result")
+    assert (parse_result("x", 143, "Failed").reason or "").startswith("killed by SIGTERM (pod deleted or its "
+                                                                      "deadline passed), exit code 143: ")
+    assert (parse_result("x", 255, "Failed").reason or "").startswith("exited with code 255: ")
+    assert parse_result(json.dumps(TRAINED | {"reason": None}), 137, "Failed").reason == (
+        "trainer killed by SIGKILL (out of memory, eviction, node loss, or deleted past its grace period), exit code "
+        "137")
 
 
 def test_json_as_last_line_of_a_log_tail() -> None:
