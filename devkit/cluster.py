@@ -4,7 +4,8 @@ kwok (fake nodes), built from their Go modules by devkit/control-plane/build.sh 
 State lives in `<repo>/.cluster/`: pki/ (CA, serving and client certificates, service-account keys; kept across
 restarts), etcd/ (data), volumes/ (hostPath PersistentVolumes), logs/, state.json (ports and PIDs) and kubeconfig.
 
-CLI: `python -m devkit.cluster up|down|status`.
+CLI: `python -m devkit.cluster up|down|status`, and `stop|start|restart <component>` for one component (an API
+server or etcd outage in a test; a private cluster via $LLMMULTICHAT_CLUSTER_DIR leaves the shared one be).
 """
 
 from __future__ import annotations
@@ -260,8 +261,9 @@ def write_state(state: dict[str, Any]) -> None:
     tmp.replace(STATE_FILE)
 
 
-def _spawn(name: str, argv: list[str], state: dict[str, Any]) -> None:
-    log_file = (LOGS / f"{name}.log").open("wb")
+def _spawn(name: str, argv: list[str], state: dict[str, Any], append: bool = False) -> None:
+    # A restarted component's log goes on after its first life's, so both are there to read.
+    log_file = (LOGS / f"{name}.log").open("ab" if append else "wb")
     # A session of its own: the component outlives the Python process (pytest, make) that started it.
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=STATE_DIR)
@@ -568,25 +570,82 @@ def _down_locked() -> None:
     KUBECONFIG.unlink(missing_ok=True)
     for name in reversed(COMPONENTS):
         proc = state["processes"].get(name)
-        if not proc or not alive(proc):
-            continue
-        pid = int(proc["pid"])
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while alive(proc) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if alive(proc):
-            log(f"{name} (pid {pid}) ignored SIGTERM: killing it")
-            os.kill(pid, signal.SIGKILL)
-            while alive(proc):
-                time.sleep(0.05)
-        log(f"stopped {name} (pid {pid})")
+        if proc and alive(proc):
+            _terminate(name, proc)
     left = [n for n, p in state["processes"].items() if alive(p)]
     if left:
         raise ClusterError(f"still running after shutdown: {left}")
     for path in (STATE_DIR / "etcd", VOLUMES, STATE_DIR / "kubeconfigs"):
         shutil.rmtree(path, ignore_errors=True)
     STATE_FILE.unlink(missing_ok=True)
+
+
+def _terminate(name: str, proc: dict[str, Any], sig: signal.Signals = signal.SIGTERM) -> None:
+    """Ends one recorded component (by PID and start time: never another process that reuses the PID): `sig`, then
+    SIGKILL if it is still there after 15 s; returns once it is gone."""
+    pid = int(proc["pid"])
+    os.kill(pid, sig)
+    deadline = time.monotonic() + 15
+    while alive(proc) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(proc):
+        log(f"{name} (pid {pid}) ignored {sig.name}: killing it")
+        os.kill(pid, signal.SIGKILL)
+        while alive(proc):
+            time.sleep(0.05)
+    log(f"stopped {name} (pid {pid})")
+
+
+def _component_ready(name: str, state: dict[str, Any]) -> bool:
+    ports, host = state["ports"], state.get("host", "127.0.0.1")
+    probes = {
+        "etcd": lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health"),
+        "kube-apiserver": lambda: _https_ok(f"https://{host}:{ports['apiserver']}/readyz"),
+        "kube-controller-manager": lambda: _https_ok(f"https://127.0.0.1:{ports['controller_manager']}/healthz",
+                                                     client=None),
+        "kube-scheduler": lambda: _https_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz", client=None),
+    }
+    return bool(probes.get(name, lambda: True)())  # kwok serves no health endpoint here: alive is all
+
+
+def _recorded(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    state = read_state()
+    if name not in COMPONENTS or not state or name not in state.get("processes", {}):
+        raise ClusterError(f"no {name} recorded in {STATE_FILE} (components: {', '.join(COMPONENTS)})")
+    return state, state["processes"][name]
+
+
+def stop_component(name: str, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Stops one running component of this checkout's cluster (state, data and certificates stay): an API server
+    or etcd outage, for tests of what survives one. Refused when it is not running."""
+    with _flock(STATE_LOCK, fcntl.LOCK_EX):
+        _, proc = _recorded(name)
+        if not alive(proc):
+            raise ClusterError(f"{name} (pid {proc['pid']}) is not running")
+        _terminate(name, proc, sig)
+
+
+def start_component(name: str, timeout: float = 90) -> float:
+    """Starts a stopped component again with the command line it was first started with — the same ports, data dir
+    (etcd keeps its data) and certificates — and returns the seconds until it was healthy. Refused when it runs."""
+    started = time.monotonic()
+    with _flock(STATE_LOCK, fcntl.LOCK_EX):
+        state, proc = _recorded(name)
+        if alive(proc):
+            raise ClusterError(f"{name} (pid {proc['pid']}) is still running")
+        _spawn(name, list(proc["argv"]), state, append=True)
+        _wait(f"{name} to be healthy again", lambda: _component_ready(name, state), state, name, timeout)
+    log(f"{name} restarted (pid {state['processes'][name]['pid']}) in {time.monotonic() - started:.1f}s")
+    return time.monotonic() - started
+
+
+def restart_component(name: str, down_seconds: float = 0.0, sig: signal.Signals = signal.SIGTERM) -> float:
+    """`stop_component`, `down_seconds` without it, then `start_component`; returns the seconds it was away."""
+    stopped = time.monotonic()
+    stop_component(name, sig)
+    time.sleep(down_seconds)
+    start_component(name)
+    return time.monotonic() - stopped
 
 
 def _usable(kubeconfig: Path) -> bool:
@@ -659,13 +718,26 @@ def _rss_mib(pid: int) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devkit.cluster", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down", "status", "build"])
+    parser.add_argument("command", choices=["up", "down", "status", "build", "stop", "start", "restart"])
+    parser.add_argument("component", nargs="?", choices=COMPONENTS,
+                        help="stop/start/restart: the one component (its data, ports and certificates are kept)")
     parser.add_argument("--real-node", action="store_true",
                         help="up: also start the real node (containerd + kubelet, docs/local-cluster.md)")
+    parser.add_argument("--down-seconds", type=float, default=0.0, help="restart: how long it stays stopped")
+    parser.add_argument("--kill", action="store_true", help="stop/restart: SIGKILL instead of SIGTERM")
     args = parser.parse_args(argv)
     command = args.command
+    if command in ("stop", "start", "restart") and not args.component:
+        parser.error(f"{command} needs a component")
+    sig = signal.SIGKILL if args.kill else signal.SIGTERM
     try:
-        if command == "up":
+        if command == "stop":
+            stop_component(args.component, sig)
+        elif command == "start":
+            print(f"{start_component(args.component):.2f}")
+        elif command == "restart":
+            print(f"{restart_component(args.component, args.down_seconds, sig):.2f}")
+        elif command == "up":
             cluster_up(real_node=args.real_node)
             print(f"export KUBECONFIG={KUBECONFIG}")
         elif command == "down":

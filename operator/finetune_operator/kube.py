@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+import urllib3
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
@@ -76,6 +77,10 @@ class Kube:
             response.read()
         except ApiException as exc:
             raise _error(exc.status or 0, exc.body, method, path) from None
+        except urllib3.exceptions.HTTPError as exc:
+            # The API server unreachable (restarting, partitioned): status 0, like any other failed request, so
+            # every caller's retry applies — uncaught, it would stop the resync daemon for kopf's 60 s backoff.
+            raise KubeError(0, {"reason": "Unreachable", "message": str(exc)}, method, path) from None
         if not 200 <= response.status <= 299:
             raise _error(response.status, response.data, method, path)
         return json.loads(response.data) if response.data else {}
