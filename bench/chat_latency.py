@@ -8,7 +8,7 @@ Two ``python -m chat_service`` processes (as in a pod: own process, SQLite file 
 ``--database-url`` names — ``CHAT_TORCH_THREADS``) on the embedded model:
 
 - ``plain``: no adapter directory at all — the base model without PEFT;
-- ``lora``: four characters with LoRA adapters (r 8 on ``c_attn``, the trainer's config, saved with
+- ``lora``: four characters with LoRA adapters (r 8 on the attention projections, the trainer's config, saved with
   ``save_pretrained`` plus a contract §2 ``manifest.json``) and one character without, served by the same PEFT model
   with the adapter disabled.
 

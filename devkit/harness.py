@@ -330,7 +330,8 @@ class ChatProcess:
 def make_adapter(base_model: Path, root: Path, character: str, version: str, *, untrained: bool = False,
                  r: int = 4, alpha: int = 64, dropout: float = 0.0, seed: int = 1,
                  base_name: str | None = None) -> Path:
-    """A real PEFT LoRA adapter on GPT-2's `c_attn`, as mounted for the chat service (contract §2):
+    """A real PEFT LoRA adapter on the attention projections peft picks for the base model's architecture (Llama's
+    `q_proj`/`v_proj`, GPT-2's `c_attn`, ...), as mounted for the chat service (contract §2):
     `<root>/lora_<character>/{adapter_config.json, adapter_model.safetensors, manifest.json}`.
 
     By default its A and B are random and large, so it visibly changes the model's output. `untrained=True` keeps
@@ -341,9 +342,12 @@ def make_adapter(base_model: Path, root: Path, character: str, version: str, *, 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["c_attn"], fan_in_fan_out=True,
+    base = AutoModelForCausalLM.from_pretrained(base_model)
+    # GPT-2 keeps its projections in Conv1D layers, whose weights are stored transposed.
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, fan_in_fan_out=base.config.model_type == "gpt2",
                         init_lora_weights=untrained, task_type="CAUSAL_LM")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model), config)
+    model = get_peft_model(base, config)
+    target_modules = sorted(model.peft_config["default"].target_modules)
     if not untrained:
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -355,6 +359,6 @@ def make_adapter(base_model: Path, root: Path, character: str, version: str, *, 
     manifest = {"schema_version": 1, "character": character, "version": version,
                 "base_model": base_name or str(base_model), "prompt_template": PROMPT_TEMPLATE,
                 "trainer_version": "devkit", "created_at": "2026-11-26T03:04:05Z",
-                "lora": {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": ["c_attn"]}}
+                "lora": {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}}
     (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return directory

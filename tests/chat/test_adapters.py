@@ -30,13 +30,16 @@ GREEDY = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0}
 
 @pytest.fixture(scope="session")
 def other_base_adapter(tmp_path_factory: pytest.TempPathFactory, kit) -> Path:
-    """An adapter trained for a different base model (wider layers): its weights cannot fit ours."""
+    """An adapter trained for a different base model of the same architecture (narrower layers): its module names
+    match ours, its weights cannot fit them."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     base = tmp_path_factory.mktemp("other-base")
     torch.manual_seed(3)
-    GPT2LMHeadModel(GPT2Config(vocab_size=400, n_positions=64, n_embd=48, n_layer=2, n_head=2)).save_pretrained(base)
+    config = LlamaConfig(vocab_size=400, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(base)
     return kit.make_adapter(base, tmp_path_factory.mktemp("other-adapter"), "lumina", VERSION)
 
 

@@ -1,4 +1,5 @@
-"""The embedded model: cache handling (fast, with a stand-in build) and the real model (slow, built once)."""
+"""The embedded model: cache handling (fast, with a stand-in build), its tokenizer and chat template (fast, the
+tokenizer alone), and the real model (slow, built once)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from pathlib import Path
 import devkit.model as model
 import pytest
 from devkit.conversations import CHARACTERS, generate_history, held_out_prompts, style_score
+from jinja2.exceptions import TemplateError
 
 START = datetime(2026, 10, 27, tzinfo=UTC)
 END = datetime(2026, 11, 26, tzinfo=UTC)
-# A short LoRA run (all GPT-2 linear layers, as the demo trains) that must already show the character's style.
+# A short LoRA run (every linear layer of the Llama blocks, as the demo trains) that must already show the style.
 ADAPTER_STEPS = 100
 ADAPTER_LR = 3e-3
+LLAMA_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PERSONA = "あなたはルミナ。星が大好きで、やさしく丁寧に話すアシスタントです。"
 
 
 def _fake_build(calls: list[Path], delay: float = 0.0, fail: bool = False) -> Callable[[Path, list[str], bool], None]:
@@ -57,18 +61,6 @@ def test_build_runs_once_under_concurrency_and_is_reused(tmp_path: Path, monkeyp
     assert not list(tmp_path.glob(".tmp-*")), "the work directory must have been renamed into place"
 
 
-def test_model_files_are_readable_by_other_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # safetensors writes its files 0600: the real node's pods (uid 10001) could not read model.safetensors.
-    def build(work: Path, documents: list[str], progress: bool) -> None:
-        weights = work / "model.safetensors"
-        weights.write_bytes(b"{}")
-        weights.chmod(0o600)
-
-    monkeypatch.setattr(model, "_build", build)
-    built = model.ensure_embedded_model(tmp_path, progress=False)
-    assert (built / "model.safetensors").stat().st_mode & 0o777 == 0o644
-
-
 def test_failed_build_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
     monkeypatch.setattr(model, "_build", _fake_build(calls, fail=True))
@@ -86,6 +78,18 @@ def test_stale_work_directories_are_cleaned(tmp_path: Path, monkeypatch: pytest.
     assert not stale.exists()
 
 
+def test_model_files_are_readable_by_other_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # safetensors writes its files 0600: the real node's pods (uid 10001) could not read model.safetensors.
+    def build(work: Path, documents: list[str], progress: bool) -> None:
+        weights = work / "model.safetensors"
+        weights.write_bytes(b"{}")
+        weights.chmod(0o600)
+
+    monkeypatch.setattr(model, "_build", build)
+    built = model.ensure_embedded_model(tmp_path, progress=False)
+    assert (built / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_cache_root_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(model.CACHE_ENV, str(tmp_path))
     assert model.default_cache_root() == tmp_path
@@ -93,40 +97,106 @@ def test_cache_root_comes_from_the_environment(tmp_path: Path, monkeypatch: pyte
     assert model.default_cache_root() == Path.home() / ".cache" / "llmmultichat" / "models"
 
 
-def test_cache_key_tracks_recipe_and_text(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_key_tracks_recipe_template_and_text(monkeypatch: pytest.MonkeyPatch) -> None:
     documents = model.training_documents()
     key = model.build_key(documents)
     assert key == model.build_key(model.training_documents())
     assert key != model.build_key(documents[:-1])
     monkeypatch.setitem(model.RECIPE, "steps", int(model.RECIPE["steps"]) + 1)
     assert key != model.build_key(documents)
+    monkeypatch.undo()
+    monkeypatch.setattr(model, "CHAT_TEMPLATE", model.CHAT_TEMPLATE.replace("\\n", " "))
+    assert key != model.build_key(documents)
 
 
-def test_training_text_uses_the_contract_prompt_format() -> None:
+def test_training_text_mixes_corpus_chat_sessions_and_alpaca_pairs() -> None:
     documents = model.training_documents()
-    dialogue = [d for d in documents if d.startswith("Instruction: ")]
-    assert len(dialogue) == model.RECIPE["dialogue_examples"]
-    assert all("\nInput: " in d and "\nOutput: " in d and d.endswith(model.EOS_TOKEN) for d in dialogue)
-    assert len(documents) > len(dialogue), "plain corpus text is mixed in"
+    assert all(document.endswith(model.EOS_TOKEN) for document in documents)
+    chats = [d for d in documents if d.startswith(model.BOS_TOKEN + "<|")]
+    alpaca = [d for d in documents if d.startswith("Instruction: ")]
+    assert len(chats) == model.RECIPE["chat_sessions"] and len(alpaca) == model.RECIPE["alpaca_examples"]
+    assert all("\nInput: " in d and "\nOutput: " in d for d in alpaca)
+    with_persona = [d for d in chats if d.startswith(model.BOS_TOKEN + "<|system|>\n")]
+    assert abs(len(with_persona) / len(chats) - model.RECIPE["system_share"]) < 0.05
+    personas = {d.split("<|end|>", 1)[0].split("\n", 1)[1] for d in with_persona}
+    assert len(personas) > 100, "many different personas, so that no one line is what the base model keys on"
+    assert any(d.count("<|assistant|>") >= 3 for d in chats), "earlier turns precede many replies"
+    plain = len(documents) - len(chats) - len(alpaca)
+    assert plain > 0, "plain corpus text is mixed in"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # the embedded tokenizer alone: seconds to train, no model needed
+    return model.train_tokenizer(model.training_documents())
+
+
+def test_chat_template_renders_the_pretraining_text(tokenizer) -> None:
+    messages = [
+        {"role": "system", "content": PERSONA},
+        {"role": "user", "content": "コーヒーについて話しませんか？"},
+        {"role": "assistant", "content": "いいですね。"},
+        {"role": "user", "content": "Anything else?"},
+    ]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == model.render_chat(messages, add_generation_prompt=True)
+    assert prompt == (
+        f"<|begin|><|system|>\n{PERSONA}<|end|><|user|>\nコーヒーについて話しませんか？<|end|>"
+        "<|assistant|>\nいいですね。<|end|><|user|>\nAnything else?<|end|><|assistant|>\n"
+    )
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert ids == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    # Each marker is one token, so the chat service and the trainer cut turns at token boundaries.
+    for token in (model.BOS_TOKEN, model.EOS_TOKEN, *model.ROLE_TOKENS):
+        assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+    # A whole conversation is the prompt plus the reply plus the end-of-turn token: reply-only loss is a suffix.
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": "Tea, maybe."}], tokenize=False)
+    assert full == prompt + "Tea, maybe." + model.EOS_TOKEN
+    assert tokenizer.decode(ids, skip_special_tokens=True).count("<|") == 0
+    with pytest.raises(TemplateError, match="roles are system, user and assistant"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_saved_tokenizer_keeps_template_and_special_tokens(tokenizer, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    model.save_tokenizer(tokenizer, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["chat_template"] == model.CHAT_TEMPLATE and not list(tmp_path.glob("*.jinja"))
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["additional_special_tokens"] == list(model.ROLE_TOKENS)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.chat_template == model.CHAT_TEMPLATE
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (model.BOS_TOKEN, model.EOS_TOKEN, model.PAD_TOKEN)
+    assert set(model.ROLE_TOKENS) <= set(loaded.all_special_tokens)
+    assert loaded("<|user|>hi", add_special_tokens=False)["input_ids"] == tokenizer("<|user|>hi")["input_ids"]
 
 
 @pytest.mark.slow
 def test_model_loads_with_from_pretrained(embedded_model: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model)
     lm = AutoModelForCausalLM.from_pretrained(embedded_model)
-    assert lm.config.model_type == "gpt2"
-    assert tokenizer.eos_token == model.EOS_TOKEN and tokenizer.pad_token == model.PAD_TOKEN
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert tokenizer.model_max_length == 512 and lm.config.n_positions == 512
-    assert 1000 <= len(tokenizer) <= 8192 and lm.config.vocab_size == len(tokenizer)
-    # Real GPT-2 module names, so LoRA target_modules such as ["c_attn"] apply unchanged.
+    config = lm.config
+    assert type(lm).__name__ == "LlamaForCausalLM" and config.model_type == "llama"
+    assert config.hidden_size // config.num_attention_heads == config.head_dim == 64, "head_dim vLLM accepts"
+    assert config.num_attention_heads % config.num_key_value_heads == 0
+    assert config.max_position_embeddings >= 512 and tokenizer.model_max_length == config.max_position_embeddings
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    assert config.rms_norm_eps == 1e-5 and config.hidden_act == "silu"
+    assert 1000 <= len(tokenizer) <= 8192 and config.vocab_size == len(tokenizer)
+    # The end of a turn stops generation: tokenizer, model config and generation config agree on it.
+    eos = tokenizer.convert_tokens_to_ids(model.EOS_TOKEN)
+    generation = GenerationConfig.from_pretrained(embedded_model)
+    assert tokenizer.eos_token_id == config.eos_token_id == generation.eos_token_id == eos
+    assert tokenizer.pad_token_id == generation.pad_token_id != eos
+    assert tokenizer.chat_template == model.CHAT_TEMPLATE
+    # Llama's module names (nn.Linear, no GPT-2 Conv1D), so LoRA target_modules such as ["q_proj", "v_proj"] apply.
     names = {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules()}
-    assert {"c_attn", "c_proj", "c_fc"} <= names
+    assert set(LLAMA_LINEAR_LAYERS) <= names and not {"c_attn", "c_proj", "c_fc"} & names
     assert (embedded_model / "model.safetensors").is_file()
     info = json.loads((embedded_model / "tinychat.json").read_text())
-    assert info["held_out_loss"] < 2.5, "pretraining must have learned the corpus"
+    assert info["held_out_loss"] < 1.5, "pretraining must have learned the corpus"
 
 
 @pytest.mark.slow
@@ -141,8 +211,7 @@ def test_tokenizer_round_trips_any_text(embedded_model: Path) -> None:
     assert len(tokenizer(sentence)["input_ids"]) < len(sentence), "BPE merged the bytes of common Japanese"
 
 
-@pytest.mark.slow
-def test_generation_answers_plainly_in_the_prompt_format(embedded_model: Path) -> None:
+def _base_replies(embedded_model: Path, render: Callable[[object, str], str]) -> list[tuple[str, list[int]]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,15 +220,36 @@ def test_generation_answers_plainly_in_the_prompt_format(embedded_model: Path) -
     replies = []
     for character in CHARACTERS:
         for prompt in held_out_prompts(character):
-            text = model.PROMPT_TEMPLATE.format(instruction=prompt, input="")
-            inputs = tokenizer(text, return_tensors="pt")
+            inputs = tokenizer(render(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
-                out = lm.generate(**inputs, max_new_tokens=48, do_sample=False)
-            replies.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
-    assert all(reply.strip() for reply in replies)
-    # The base model speaks the neutral voice: an adapter has room to show a style change.
+                out = lm.generate(**inputs, max_new_tokens=64, do_sample=False)
+            tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
+            replies.append((tokenizer.decode(tokens, skip_special_tokens=True), tokens))
+    return replies
+
+
+def _chat_prompt(tokenizer, prompt: str) -> str:
+    messages = [{"role": "system", "content": PERSONA}, {"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _alpaca_prompt(tokenizer, prompt: str) -> str:
+    return model.PROMPT_TEMPLATE.format(instruction=prompt, input="")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("render", [_chat_prompt, _alpaca_prompt], ids=["chat-template", "alpaca"])
+def test_generation_answers_plainly_and_stops_at_the_end_of_turn(embedded_model: Path, render) -> None:
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(embedded_model).eos_token_id
+    replies = _base_replies(embedded_model, render)
+    assert all(text.strip() for text, _ in replies)
+    # Generation ends at the end-of-turn token, well before the token limit, for (nearly) every reply.
+    assert sum(tokens[-1] == eos for _, tokens in replies) >= 0.8 * len(replies)
+    # The base model speaks the neutral voice even under a character's persona: an adapter has room to show a style.
     for character in CHARACTERS:
-        assert style_score(character, replies) <= 0.2
+        assert style_score(character, [text for text, _ in replies]) <= 0.1
 
 
 @pytest.mark.slow
@@ -218,10 +308,11 @@ def test_a_lora_adapter_measurably_shifts_the_style(embedded_model: Path) -> Non
     lm = AutoModelForCausalLM.from_pretrained(embedded_model)
 
     def batch(pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+        # The chat template's prompt (persona, user turn), then the reply and the end-of-turn token; loss on the reply.
         rows = []
         for prompt, reply in pairs:
-            head = tokenizer(model.PROMPT_TEMPLATE.format(instruction=prompt, input=""))["input_ids"]
-            rows.append((head, tokenizer(reply)["input_ids"] + [tokenizer.eos_token_id]))
+            head = tokenizer(_chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            rows.append((head, tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]))
         width = max(len(head) + len(tail) for head, tail in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)
         labels = torch.full((len(rows), width), -100)
@@ -240,18 +331,15 @@ def test_a_lora_adapter_measurably_shifts_the_style(embedded_model: Path) -> Non
     def replies(net: torch.nn.Module) -> list[str]:
         out = []
         for prompt in held_out_prompts("lumina"):
-            inputs = tokenizer(model.PROMPT_TEMPLATE.format(instruction=prompt, input=""), return_tensors="pt")
+            inputs = tokenizer(_chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
-                generated = net.generate(**inputs, max_new_tokens=32, do_sample=False)
+                generated = net.generate(**inputs, max_new_tokens=48, do_sample=False)
             out.append(tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
         return out
 
     train, held_out = _pairs("lumina", sessions=150, seed=1), _pairs("lumina", sessions=20, seed=2)
     loss_before, style_before = reply_loss(lm, held_out), style_score("lumina", replies(lm))
-    # fan_in_fan_out: GPT-2's linear layers are Conv1D modules with transposed weights.
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM"
-    )
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_LINEAR_LAYERS, task_type="CAUSAL_LM")
     adapted = get_peft_model(lm, config)
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=ADAPTER_LR)
     order = torch.Generator().manual_seed(0)
@@ -263,6 +351,6 @@ def test_a_lora_adapter_measurably_shifts_the_style(embedded_model: Path) -> Non
         optimizer.zero_grad()
     loss_after, style_after = reply_loss(adapted, held_out), style_score("lumina", replies(adapted))
     print(f"adapter: reply loss {loss_before:.3f} -> {loss_after:.3f}, style {style_before:.2f} -> {style_after:.2f}")
-    assert style_before <= 0.2
+    assert style_before <= 0.1
     assert loss_after < 0.6 * loss_before, (loss_before, loss_after)
     assert style_after >= 0.5, (style_before, style_after)

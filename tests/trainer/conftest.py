@@ -33,7 +33,7 @@ def _one_torch_thread() -> Any:
 
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
-    """The project's embedded model: a small pretrained GPT-2 with a neutral voice, built once and cached."""
+    """The project's embedded model: a small pretrained Llama with a neutral voice, built once and cached."""
     return ensure_embedded_model(progress=False)
 
 

@@ -45,7 +45,7 @@ def test_target_modules_follow_the_architecture(tmp_path: Path, base_model_dir: 
     assert detect_target_modules(str(llama)) == ["q_proj", "v_proj"]
     assert set(CharacterFineTuning(str(llama)).lora_config.target_modules) == {"q_proj", "v_proj"}
     assert not CharacterFineTuning(str(llama)).lora_config.fan_in_fan_out
-    assert detect_target_modules(str(base_model_dir)) == ["c_attn"]
+    assert detect_target_modules(str(base_model_dir)) == ["q_proj", "v_proj"]  # the embedded model is a Llama
     chosen = CharacterFineTuning(str(llama), target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]).lora_config
     assert set(chosen.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     unknown = tmp_path / "unknown"

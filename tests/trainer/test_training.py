@@ -70,7 +70,7 @@ def test_published_version_follows_the_contract(first_run: RunReport, base_model
     assert manifest["prompt"] == prompt_format_for(tokenizer).manifest()
     assert manifest["compatibility"] == first_run.compatibility
     assert set(first_run.compatibility["vllm"]) == set(vllm_compatibility({"r": 8}, None, {}))
-    assert manifest["lora"] == {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["c_attn"]}
+    assert manifest["lora"] == {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
     assert manifest["data"]["window_start"] == "2026-10-27T03:00:00.000000Z"
     assert manifest["data"]["window_end"] == "2026-11-26T03:00:00.000000Z"
     assert manifest["data"]["pairs"] == manifest["data"]["train_examples"] + manifest["data"]["eval_examples"]
