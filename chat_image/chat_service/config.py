@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     engine_adapters_root: str = Field(
         "/adapters", description="where the engine pod mounts the adapter volume (it loads lora_<c>/<version>/)"
     )
+    engine_serving_dir: Path | None = Field(
+        None,
+        description="with engine openai: a folder with one file per character holding the version it serves (the "
+        "operator's ConfigMap, mounted); set, versions are read from engine_adapters_root/lora_<c>/<version>/ "
+        "(the adapter volume mounted at the engine's path) instead of ADAPTERS_ROOT, and PUT "
+        "/v1/admin/adapters/{name} switches them without a restart",
+    )
+    admin_token: str | None = Field(None, description="bearer token for /v1/admin (the operator's hot switch)")
+    admin_token_file: Path | None = Field(None, description="file holding the admin token (a mounted Secret)")
     engine_base_name: str = Field("base", description="the engine's served model name of the base model")
     engine_concurrency: int = Field(64, ge=1, description="generations in flight to the engine at once")
     engine_timeout: float = Field(120.0, gt=0, description="seconds one engine request may take")
@@ -106,6 +115,10 @@ class Settings(BaseSettings):
     def resolved_history_token(self) -> str | None:
         """The history token: the file (a mounted Secret) wins over the plain variable when both are set."""
         return _token(self.history_token, self.history_token_file, "history")
+
+    def resolved_admin_token(self) -> str | None:
+        """The admin endpoint's token, by the same rule (None: /v1/admin refuses every request)."""
+        return _token(self.admin_token, self.admin_token_file, "admin")
 
     def resolved_mcp_token(self) -> str | None:
         """The MCP endpoint's token, by the same rule (None: /mcp refuses every request)."""

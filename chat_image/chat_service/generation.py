@@ -250,6 +250,11 @@ class ModelManager:
         # so the only safe state is a fresh base.
         return load_base()
 
+    def switch(self, name: str, version: str | None) -> AdapterStatus:
+        """Serve another version without a restart: only an upstream engine can (engines/upstream.py)."""
+        raise AdapterError("not_switchable", "the in-process engine serves the versions mounted at its start; a new "
+                                             "one rolls the pods")
+
     # ---------------------------------------------------------------- generation
 
     def adapter_for(self, character: str) -> AdapterStatus:

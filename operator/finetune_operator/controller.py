@@ -23,7 +23,9 @@ from typing import Any
 import kopf
 
 from . import metrics
+from .engine import EngineRefused, plan_engine, refused, switched
 from .feedback import guarded_versions, plan_feedback, thumbs_by_version
+from .hotswap import EngineUnreachable, HotSwap
 from .kube import Kube, KubeError, cft_path, cronjob_path, deployment_path, job_path, jobs_path, pods_path
 from .manifests import (
     ANNOTATION_RECORDED,
@@ -50,7 +52,7 @@ from .runs import (
 )
 from .settings import Settings
 from .spec import FineTuneSpec
-from .status import Event, Observed, finalize, mark_active, plan_serving, record_run, run_event, status_patch
+from .status import Event, Observed, Plan, finalize, mark_active, plan_serving, record_run, run_event, status_patch
 
 log = logging.getLogger(__name__)
 CONFLICT_MANAGER = re.compile(r'conflict with "([^"]+)"')
@@ -80,6 +82,7 @@ class Controller:
     def __init__(self, kube: Kube, settings: Settings) -> None:
         self.kube = kube
         self.settings = settings
+        self.hotswap = HotSwap(kube, settings.chat_admin_token, settings.engine_timeout_seconds)
         self._locks: dict[tuple[str, str], threading.RLock] = {}
         self._guard = threading.Lock()
         # When each finished Job was first seen, for the Job → Deployment patch latency metric.
@@ -165,18 +168,9 @@ class Controller:
         cronjob_error = self._apply_cronjob(cr, spec, status.get("servingVersion"))
         self._crash("after-cronjob-applied")
         deployment = self.kube.get(deployment_path(namespace, spec.target.deployment))
-        plan = plan_serving(spec=spec, annotations=annotations, status=status, deployment=deployment, now=now)
+        serve = self._hot_switch if spec.target.engine is not None else self._mount
+        plan, target_error = serve(cr, spec, annotations, status, deployment, now)
         new_status = plan.status
-        target_error = plan.error
-        if plan.action in ("apply", "unmount"):
-            try:
-                live = self._apply_mount(namespace, name, spec, plan.version)
-                new_status["rollout"]["generation"] = int(live["metadata"]["generation"])
-                self._observe_patch_latency(cr, plan.version)
-            except (MountConflict, KubeError) as exc:
-                target_error = str(exc)
-                new_status, plan.events, plan.counters = dict(status), [], []
-            self._crash("after-deployment-patched")
         new_status = finalize(spec, annotations, new_status,
                               Observed(int(meta.get("generation") or 0), cronjob_error, target_error), now)
         self._write_status(cr, status, new_status)
@@ -196,7 +190,52 @@ class Controller:
             return self.settings.rollout_poll_seconds
         if target_error or cronjob_error:
             return min(self.settings.resync_seconds, ERROR_RETRY_SECONDS)  # often transient: retry soon
+        if spec.target.engine is not None:
+            # Engine pods that restarted or scaled up get the serving version at the next look.
+            return min(self.settings.resync_seconds, self.settings.engine_sync_seconds)
         return self.settings.resync_seconds
+
+    def _mount(self, cr: Mapping[str, Any], spec: FineTuneSpec, annotations: Mapping[str, str],
+               status: Mapping[str, Any], deployment: dict[str, Any] | None, now: str) -> tuple[Plan, str | None]:
+        """The serving step of a target without an engine: mount the version, the Deployment rolls (followed by
+        later reconciles). Returns the plan and the target's error."""
+        meta = cr["metadata"]
+        plan = plan_serving(spec=spec, annotations=annotations, status=status, deployment=deployment, now=now)
+        if plan.action not in ("apply", "unmount"):
+            return plan, plan.error
+        error = None
+        try:
+            live = self._apply_mount(meta["namespace"], meta["name"], spec, plan.version)
+            plan.status["rollout"]["generation"] = int(live["metadata"]["generation"])
+            self._observe_patch_latency(cr, plan.version)
+        except (MountConflict, KubeError) as exc:
+            plan, error = Plan("none", dict(status)), str(exc)
+        self._crash("after-deployment-patched")
+        return plan, error
+
+    def _hot_switch(self, cr: Mapping[str, Any], spec: FineTuneSpec, annotations: Mapping[str, str],
+                    status: Mapping[str, Any], deployment: dict[str, Any] | None, now: str) -> tuple[Plan, str | None]:
+        """The serving step of an engine target (spec.target.engine): every ready engine and chat pod made to serve
+        the desired version now, else what serves kept in place; Ready only once all of them do (engine.py)."""
+        meta = cr["metadata"]
+        if deployment is None:
+            return Plan("none", dict(status)), f"target Deployment {spec.target.deployment!r} not found"
+        plan = plan_engine(spec, annotations, status, now)
+        switching = plan.action in ("apply", "unmount")
+        version = plan.version if switching else (status.get("servingVersion") or None)
+        try:
+            self.hotswap.converge(meta["namespace"], meta["name"], spec, deployment, version)
+        except EngineRefused as exc:
+            if not switching:
+                return plan, str(exc)  # what serves is refused now (its files went?): say so, keep trying
+            log.warning("%s/%s: %s refused: %s", meta["namespace"], meta["name"], version, exc)
+            return refused(plan, status, str(exc)), None
+        except (EngineUnreachable, KubeError) as exc:
+            return (Plan("none", dict(status)) if switching else plan), str(exc)
+        if not switching:
+            return plan, None
+        self._observe_patch_latency(cr, plan.version)
+        return switched(plan, status), None
 
     def _apply_cronjob(self, cr: Mapping[str, Any], spec: FineTuneSpec, serving: str | None) -> str | None:
         meta = cr["metadata"]
@@ -274,7 +313,11 @@ class Controller:
                 return
             now = now_iso()
             plan = plan_feedback(spec, status, counts, now)
-            if plan.action in ("apply", "unmount"):
+            if plan.action in ("apply", "unmount") and spec.target.engine is not None:
+                if not self._feedback_switch(namespace, name, spec, plan):
+                    return
+                plan = Plan("none", switched(plan, status).status, events=plan.events, counters=plan.counters)
+            elif plan.action in ("apply", "unmount"):
                 live = self._apply_mount(namespace, name, spec, plan.version)
                 plan.status["rollout"]["generation"] = int(live["metadata"]["generation"])
             meta = cr["metadata"]
@@ -289,6 +332,16 @@ class Controller:
                 metrics.ROLLBACKS.labels(namespace, name).inc()
                 metrics.FEEDBACK_REGRESSIONS.labels(namespace, name).inc()
             self._next[(namespace, name)] = 0.0  # follow the rollback at once
+
+    def _feedback_switch(self, namespace: str, name: str, spec: FineTuneSpec, plan: Plan) -> bool:
+        """The feedback guard's rollback on an engine target, at once; False: not done, the next check retries."""
+        try:
+            deployment = self.kube.get(deployment_path(namespace, spec.target.deployment)) or {}
+            self.hotswap.converge(namespace, name, spec, deployment, plan.version)
+        except (EngineRefused, EngineUnreachable) as exc:
+            log.warning("feedback rollback of %s/%s to %s not done: %s", namespace, name, plan.version, exc)
+            return False
+        return True
 
     # --- owned CronJobs ------------------------------------------------------------------------------------------
 
@@ -374,8 +427,8 @@ class Controller:
             exit_code, message = terminated(pod)
             result = parse_result(message, exit_code, state)  # type: ignore[arg-type]
         spec = FineTuneSpec.from_dict(cr["spec"])
-        engine = target_engine(self.kube.get(deployment_path(namespace, spec.target.deployment)),
-                               spec.target.container)
+        engine = "vllm" if spec.target.engine is not None else target_engine(
+            self.kube.get(deployment_path(namespace, spec.target.deployment)), spec.target.container)
         decision = gate(result, manual=spec.promotion.manual, min_improvement=spec.promotion.min_improvement,
                         serving_version=status.get("servingVersion"), serving_metrics=status.get("servingMetrics"),
                         engine=engine)
@@ -427,7 +480,20 @@ class Controller:
             except KubeError as exc:
                 if exc.status != 404:
                     raise
+            if spec.target.engine is not None:
+                self._release_engine(namespace, name, spec)
             self._crash("after-unmount")  # before kopf removes the finalizer
         metrics.forget(namespace, name)
         with self._guard:
             self._locks.pop((namespace, name), None)
+
+    def _release_engine(self, namespace: str, name: str, spec: FineTuneSpec) -> None:
+        """Deletion of an engine target's resource: its character back on the base model, its versions unloaded,
+        its ConfigMap key gone; best effort (pods that do not answer must not keep the resource from going)."""
+        try:
+            deployment = self.kube.get(deployment_path(namespace, spec.target.deployment))
+            if deployment is not None:
+                self.hotswap.converge(namespace, name, spec, deployment, None)
+            self.hotswap.record(namespace, name, spec, None, remove=True)
+        except (EngineRefused, EngineUnreachable, KubeError) as exc:
+            log.warning("releasing the engine of %s/%s: %s", namespace, name, exc)

@@ -156,6 +156,10 @@ def deployment_path(namespace: str, name: str) -> str:
     return f"/apis/apps/v1/namespaces/{_q(namespace)}/deployments/{_q(name)}"
 
 
+def configmap_path(namespace: str, name: str) -> str:
+    return f"/api/v1/namespaces/{_q(namespace)}/configmaps/{_q(name)}"
+
+
 def pods_path(namespace: str) -> str:
     return f"/api/v1/namespaces/{_q(namespace)}/pods"
 

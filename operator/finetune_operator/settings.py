@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     trainer_uid: int = 10001
     #: `json` (structured) or `plain` logs.
     log_format: Literal["json", "plain"] = "json"
+    #: Bearer token of the chat pods' PUT /v1/admin/adapters (engine targets; the Secret chat-admin-token).
+    chat_admin_token: str | None = None
+    #: Seconds between the checks that every ready engine and chat pod of an engine target serves its version (an
+    #: engine pod that restarted or scaled up gets it again at the next one).
+    engine_sync_seconds: float = Field(10.0, gt=0)
+    #: Seconds one request to an engine or chat pod may take (a load reads the adapter from the volume).
+    engine_timeout_seconds: float = Field(60.0, gt=0)
     #: Fault injection for the restart-safety tests only: the operator exits hard at this point (one of FAULT_POINTS).
     crash_point: str = ""
 

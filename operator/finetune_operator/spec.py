@@ -69,9 +69,22 @@ class AdapterStorage:
 
 
 @dataclass(frozen=True)
+class EngineSpec:
+    """target.engine: the chat Deployment generates through these vLLM pods, and a version is hot-loaded into them
+    (engine.py) instead of mounted into the chat pods."""
+
+    pod_selector: Mapping[str, str]
+    kind: str = "vLLM"
+    port: int = 8000
+    adapters_path: str = "/adapters"
+    max_loras: int = 4
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     deployment: str
     container: str = "chat"
+    engine: EngineSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +179,7 @@ class FineTuneSpec:
                 claim_name=storage["claimName"],
                 keep_versions=int(storage.get("keepVersions", 5)),
             ),
-            target=TargetSpec(deployment=target["deployment"], container=target.get("container", "chat")),
+            target=_target(target),
             promotion=PromotionSpec(
                 mode=promotion.get("mode", "Auto"),
                 min_improvement=float(promotion.get("minImprovement", 0.01)),
@@ -183,6 +196,23 @@ def _feedback_guard(guard: Mapping[str, Any] | None) -> FeedbackGuardSpec | None
         min_rated_replies=int(guard.get("minRatedReplies", 50)),
         max_down_rate_increase=float(guard.get("maxDownRateIncrease", 0.05)),
         confidence=float(guard.get("confidence", 0.95)),
+    )
+
+
+def _target(target: Mapping[str, Any]) -> TargetSpec:
+    return TargetSpec(deployment=target["deployment"], container=target.get("container", "chat"),
+                      engine=_engine(target.get("engine")))
+
+
+def _engine(engine: Mapping[str, Any] | None) -> EngineSpec | None:
+    if engine is None:
+        return None
+    return EngineSpec(
+        kind=str(engine.get("kind", "vLLM")),
+        pod_selector={str(k): str(v) for k, v in (engine.get("podSelector") or {}).items()},
+        port=int(engine.get("port", 8000)),
+        adapters_path=str(engine.get("adaptersPath", "/adapters")),
+        max_loras=int(engine.get("maxLoras", 4)),
     )
 
 

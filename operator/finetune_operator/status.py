@@ -125,6 +125,7 @@ def rollout_complete(rollout: Mapping[str, Any], st: dict[str, Any], status: Map
         return Plan("none", st, events=[Event("Normal", "RolledBack", f"serving {version or 'the base model'} again")])
     st["previousVersion"] = rollout.get("fromVersion") or None
     st["failedVersion"] = None
+    st["failedReason"] = None
     if rollout.get("source") == "annotation":
         # A person approved it: it stays approved if the mode later goes back to Auto.
         st["approvedVersion"] = version
@@ -327,7 +328,9 @@ def promoted_condition(spec: FineTuneSpec, annotations: Mapping[str, str], statu
     if rollout:
         return "False", "RolloutInProgress", f"rolling out {rollout.get('version') or 'the base model'}"
     if desired.version and desired.version == status.get("failedVersion"):
-        return "False", "RolloutFailed", f"rollout of {desired.version} failed; serving {serving or 'the base model'}"
+        why = f": {status['failedReason']}" if status.get("failedReason") else ""
+        return "False", "RolloutFailed", (f"rollout of {desired.version} failed; serving "
+                                          f"{serving or 'the base model'}{why}")
     if desired.version and serving == desired.version:
         return "True", "Promoted", f"serving adapter {serving} ({desired.source})"
     if spec.promotion.manual and candidate and candidate != serving:

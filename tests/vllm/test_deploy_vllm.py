@@ -23,7 +23,7 @@ def load(name: str) -> list[dict[str, Any]]:
 def chat_env() -> dict[str, str]:
     (patch,) = load("chat-engine.yaml")
     (container,) = patch["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e["value"] for e in container["env"]}
+    return {e["name"]: e.get("value", "") for e in container["env"]}
 
 
 def engine_pod() -> dict[str, Any]:
@@ -90,3 +90,35 @@ def test_deploy_with_the_vllm_component_applies_server_side(cluster: Any, tmp_pa
     sample_file = DEPLOY / "samples" / "finetune-vllm.yaml"
     sample = cluster.kubectl("apply", "--server-side", "--dry-run=server", "--validate=strict", "-f", str(sample_file))
     assert "characterfinetune.llmmultichat.io/sora" in sample.stdout
+
+
+def test_the_hot_promotion_finds_what_the_manifests_declare() -> None:
+    """The sample's target.engine names the engine pods and port; the chat patch mounts the whole adapter volume at
+    the engine's path and the operator's ConfigMap at CHAT_ENGINE_SERVING_DIR; chat and operator share the admin
+    token's Secret (contract §6)."""
+    from finetune_operator.engine import serving_configmap
+    from finetune_operator.spec import FineTuneSpec
+
+    sample = yaml.safe_load((DEPLOY / "samples" / "finetune-vllm.yaml").read_text(encoding="utf-8"))
+    engine = FineTuneSpec.from_dict(sample["spec"]).target.engine
+    assert engine is not None and engine.kind == "vLLM"
+    (deployment,) = load("engine.yaml")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert engine.pod_selector.items() <= labels.items()
+    args = engine_container().args
+    assert engine.port == int(flag(args, "--port"))
+    assert 2 <= engine.max_loras <= int(flag(args, "--max-cpu-loras"))
+    (patch,) = load("chat-engine.yaml")
+    pod = patch["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    env = chat_env()
+    assert mounts["adapters"]["mountPath"] == env["CHAT_ENGINE_ADAPTERS_ROOT"] == engine.adapters_path
+    assert volumes["adapters"]["persistentVolumeClaim"] == engine_pod()["volumes"][1]["persistentVolumeClaim"]
+    assert mounts["serving"]["mountPath"] == env["CHAT_ENGINE_SERVING_DIR"]
+    assert volumes["serving"]["configMap"] == {"name": serving_configmap(sample["spec"]["target"]["deployment"]),
+                                               "optional": True}
+    (operator,) = load("operator-engine.yaml")
+    secrets = [e["valueFrom"]["secretKeyRef"] for doc in (patch, operator)
+               for e in doc["spec"]["template"]["spec"]["containers"][0]["env"] if "valueFrom" in e]
+    assert secrets == [{"name": "chat-admin-token", "key": "token", "optional": True}] * 2

@@ -9,6 +9,11 @@ At start the service loads every mounted version into the engine from `CHAT_ENGI
 (the adapter volume as the engine pod mounts it); one the engine refuses is reported as failed and its character
 serves the base model, as in-process. When the engine does not know a name later (it restarted, or scaled up), the
 service loads it again and retries once, so a restarted engine serves the current versions without anyone's help.
+
+With CHAT_ENGINE_SERVING_DIR (deploy/vllm) nothing is mounted per version: the folder (the operator's ConfigMap) says
+which version each character serves at start, the service reads that version's manifest from the adapter volume, and
+`switch` (PUT /v1/admin/adapters/{name}, the operator's hot promotion) changes it while the service runs; a version
+that cannot be used is refused and the current one keeps serving (docs/contracts.md §6).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,6 +48,8 @@ from . import EngineUnavailable
 log = logging.getLogger(__name__)
 
 _END = object()
+# A version as a path segment of the adapter volume (contract §2): no "/", no leading "." (work in progress).
+VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 class UpstreamEngine(ModelManager):
@@ -52,6 +61,7 @@ class UpstreamEngine(ModelManager):
         self.url = settings.engine_url
         self.device = f"engine {self.url}"
         self.client = client or httpx.Client(base_url=self.url, timeout=settings.engine_timeout)
+        self._switching = threading.Lock()
 
     # ---------------------------------------------------------------- loading
 
@@ -62,9 +72,7 @@ class UpstreamEngine(ModelManager):
         base = self.settings.base_model
         self.tokenizer = AutoTokenizer.from_pretrained(base, **load_options(base))
         for name in self.characters:
-            self.adapters[name] = read_adapter(
-                self.settings.adapters_root / f"lora_{name}", name, self.settings.base_model, self.chat_template
-            )
+            self.adapters[name] = self.read_version(name, self.startup_version(name))
         self.max_positions = self._wait_for_engine()
         for status in self.adapters.values():
             self._preload(status)
@@ -76,6 +84,52 @@ class UpstreamEngine(ModelManager):
             self.max_positions,
             {n: self.model_name(s) for n, s in self.adapters.items()},
         )
+
+    def startup_version(self, name: str) -> str | None:
+        """With a serving folder: the version its file names for `name` (none: the base model)."""
+        folder = self.settings.engine_serving_dir
+        if folder is None or not (folder / name).is_file():
+            return None
+        return (folder / name).read_text(encoding="utf-8").strip() or None
+
+    def read_version(self, name: str, version: str | None) -> AdapterStatus:
+        """`name`'s adapter checked on disk: without a serving folder the operator's mount ADAPTERS_ROOT/lora_<name>;
+        with one, `version` on the adapter volume (None: the base model), whose manifest must name that version."""
+        if self.settings.engine_serving_dir is None:
+            directory = self.settings.adapters_root / f"lora_{name}"
+        elif version is None:
+            return AdapterStatus(character=name, state="absent", path=self.settings.engine_serving_dir / name)
+        else:
+            directory = Path(self.settings.engine_adapters_root) / f"lora_{name}" / version
+        status = read_adapter(directory, name, self.settings.base_model, self.chat_template)
+        if version is not None and status.state == "absent":
+            mark_failed(status, AdapterError("missing_version", f"{directory} holds no adapter"))
+        elif version is not None and status.state == "loaded" and status.version != version:
+            mark_failed(status, AdapterError("version_mismatch", f"{directory}/manifest.json says version "
+                                                                 f"{status.version!r}"))
+        return status
+
+    def switch(self, name: str, version: str | None) -> AdapterStatus:
+        """Serve `version` (None: the base model) for `name` from the next request on, loaded into the engine first.
+        Raises AdapterError (or EngineUnavailable, in vLLM's words) when it cannot be used: the current one keeps
+        serving. Requests already under way finish with what they started with."""
+        if self.settings.engine_serving_dir is None:
+            raise AdapterError("not_switchable", "versions are mounted (no CHAT_ENGINE_SERVING_DIR): a new one rolls "
+                                                 "the pods")
+        if version is not None and not VERSION.match(version):
+            raise AdapterError("invalid_version", f"version {version!r} is not a version folder name")
+        with self._switching:
+            current = self.adapters.get(name)
+            if current is not None and current.version == version and (version is None or current.state == "loaded"):
+                return current
+            status = self.read_version(name, version)
+            if status.state == "failed":
+                raise AdapterError(status.reason or "failed", status.error or "adapter not usable")
+            if status.state == "loaded":
+                self.load_into_engine(status)
+            self.adapters[name] = status
+            log.info("%s now serves %s", name, status.serving_version)
+            return status
 
     def _wait_for_engine(self) -> int | None:
         """Poll the engine's model list until it answers (an engine starts in minutes); its base model's length."""

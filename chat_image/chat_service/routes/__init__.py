@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ..mcp import http as mcp_http
-from . import characters, chat, feedback, history, openai, ops, versions, web
+from . import admin, characters, chat, feedback, history, openai, ops, versions, web
 
 ROUTERS: tuple[APIRouter, ...] = (
     chat.router,
@@ -15,6 +15,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     versions.router,
     history.router,
     ops.router,
+    admin.router,
     mcp_http.router,
     web.router,
 )
