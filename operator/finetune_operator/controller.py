@@ -223,6 +223,8 @@ class Controller:
         plan = plan_engine(spec, annotations, status, now)
         switching = plan.action in ("apply", "unmount")
         version = plan.version if switching else (status.get("servingVersion") or None)
+        if not switching and version is None:
+            return plan, None  # the base model serves and nothing changes: no engine pod needs to be up for that
         try:
             self.hotswap.converge(meta["namespace"], meta["name"], spec, deployment, version)
         except EngineRefused as exc:

@@ -103,6 +103,20 @@ MALFORMED = [
      "spec.adapterStorage.keepVersions"),
     ("time zone", mutate("spec.timeZone", "Mars Base/One"), "spec.timeZone"),
     ("name too long", mutate("metadata.name", "x" * 44), "metadata.name"),
+    ("engine kind", mutate("spec.target", {"deployment": "chat", "engine": {"kind": "Ollama", "podSelector": {
+        "app": "x"}}}), "spec.target.engine.kind"),
+    ("engine without pods", mutate("spec.target", {"deployment": "chat", "engine": {"kind": "vLLM"}}),
+     "spec.target.engine.podSelector"),
+    ("engine empty selector", mutate("spec.target", {"deployment": "chat", "engine": {"kind": "vLLM",
+                                                                                      "podSelector": {}}}),
+     "spec.target.engine.podSelector"),
+    ("engine maxLoras 1", mutate("spec.target", {"deployment": "chat", "engine": {
+        "kind": "vLLM", "podSelector": {"app": "x"}, "maxLoras": 1}}), "target.engine.maxLoras must be at least 2"),
+    ("engine relative path", mutate("spec.target", {"deployment": "chat", "engine": {
+        "kind": "vLLM", "podSelector": {"app": "x"}, "adaptersPath": "adapters"}}),
+     "target.engine.adaptersPath must be an absolute path"),
+    ("engine port", mutate("spec.target", {"deployment": "chat", "engine": {
+        "kind": "vLLM", "podSelector": {"app": "x"}, "port": 0}}), "spec.target.engine.port"),
 ]
 
 
@@ -133,3 +147,15 @@ def test_the_sample_resource_is_valid(kube: Cluster) -> None:
     kube.create_namespace(namespace["metadata"]["namespace"])
     result = kube.kubectl("apply", "--validate=strict", "--dry-run=server", "-f", str(sample), check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_engine_target_is_defaulted_and_explained(kube: Cluster) -> None:
+    obj = mutate("spec.target", {"deployment": "chat", "engine": {"kind": "vLLM", "podSelector": {"app": "vllm"}}})
+    code, out, err = dry_run(kube, obj)
+    assert code == 0, err
+    assert json.loads(out)["spec"]["target"]["engine"] == {"kind": "vLLM", "podSelector": {"app": "vllm"},
+                                                           "port": 8000, "adaptersPath": "/adapters", "maxLoras": 4}
+    explained = kube.kubectl("explain", "characterfinetunes.spec.target.engine").stdout
+    assert "POST /v1/load_lora_adapter" in " ".join(explained.split())
+    for field in ("kind", "podSelector", "port", "adaptersPath", "maxLoras"):
+        assert field in explained
