@@ -39,6 +39,7 @@ MAX_TERMINATION_MESSAGE_BYTES = 4096
 FALLBACK_LOG_LINES = 80
 FALLBACK_LOG_BYTES = 2048
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+LineHook = Callable[[str, "subprocess.Popen[str]"], None]
 
 
 class PodRunError(ClusterError):
@@ -349,9 +350,10 @@ def _termination_message(prepared: _Prepared, exit_code: int, stdout: str, stder
     return message
 
 
-def _run_captured(prepared: _Prepared, timeout: float | None, echo: TextIO | None) -> subprocess.CompletedProcess[str]:
+def _run_captured(prepared: _Prepared, timeout: float | None, echo: TextIO | None,
+                  on_line: LineHook | None = None) -> subprocess.CompletedProcess[str]:
     """Like `subprocess.run(capture_output=True)`, but each output line is also written to `echo` as it comes, so
-    a person watching a long run (the demo's trainer) sees its progress."""
+    a person watching a long run (the demo's trainer) sees its progress, and given to `on_line` with the process."""
     process = subprocess.Popen(prepared.argv, env=prepared.env, cwd=prepared.cwd, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
     captured: dict[str, list[str]] = {"stdout": [], "stderr": []}
@@ -359,6 +361,8 @@ def _run_captured(prepared: _Prepared, timeout: float | None, echo: TextIO | Non
     def pump(name: str, stream: TextIO) -> None:
         for line in stream:
             captured[name].append(line)
+            if on_line is not None:
+                on_line(line, process)
             if echo is not None:
                 echo.write(f"    | {line}")
                 echo.flush()
@@ -380,14 +384,15 @@ def _run_captured(prepared: _Prepared, timeout: float | None, echo: TextIO | Non
 
 
 def run_pod(cluster: Cluster, namespace: str, pod_name: str, *, env_overrides: dict[str, str] | None = None,
-            timeout: float | None = None, echo: TextIO | None = None) -> PodRunResult:
+            timeout: float | None = None, echo: TextIO | None = None, on_line: LineHook | None = None) -> PodRunResult:
     """Runs the pod's first container as a local process to completion, then releases the pod with its exit code and
     termination message. On timeout the process is killed, the pod released as Failed (137) and PodRunError raised.
-    With `echo`, the process's output is also streamed there line by line."""
+    With `echo`, the process's output is also streamed there line by line; `on_line(line, process)` sees each line
+    as it comes (a test kills the process at a line, as an OOM kill or a node loss would, say)."""
     prepared = _prepare(cluster, namespace, pod_name, env_overrides, None)
     try:
         try:
-            done = _run_captured(prepared, timeout, echo)
+            done = _run_captured(prepared, timeout, echo, on_line)
         except subprocess.TimeoutExpired as exc:
             release_pod(cluster, namespace, pod_name, exit_code=137,
                         message=f"podrunner: killed after {timeout}s without finishing")

@@ -19,6 +19,7 @@ from .spec import FineTuneSpec
 RolloutState = Literal["Complete", "Progressing", "Failed", "Lost"]
 Source = Literal["pinned", "annotation", "approved", "none"]
 CONDITION_TYPES = ("Scheduled", "Trained", "Promoted", "Ready")
+MAX_EVENT_MESSAGE_BYTES = 1024  # the API server's limit on an Event's message
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,15 @@ class Event:
     type: Literal["Normal", "Warning"]
     reason: str
     message: str
+
+    def __post_init__(self) -> None:
+        # The API refuses an Event whose message is over 1024 bytes (kopf then drops it, logging a warning): a failed
+        # run's reason alone may be that long. Keep the start (what happened) and the end (the log's last words).
+        data = self.message.encode()
+        if len(data) > MAX_EVENT_MESSAGE_BYTES:
+            head = data[:300].decode(errors="ignore")
+            tail = data[-(MAX_EVENT_MESSAGE_BYTES - 310):].decode(errors="ignore")
+            object.__setattr__(self, "message", f"{head} … {tail}")
 
 
 @dataclass
@@ -404,10 +414,14 @@ def finalize(
 
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch turning `old` into `new` at the top level of status (None removes a field)."""
+    """A JSON merge patch (RFC 7386) turning `old` into `new` (None removes a field). Nested objects are diffed too:
+    the API server merges an object in a merge patch into the stored one, so a key that `new` leaves out must be
+    sent as None — else a failed run's `lastRun` kept the previous run's version and metrics."""
     patch: dict[str, Any] = {}
     for key in set(old) | set(new):
         before, after = old.get(key), new.get(key)
-        if before != after:
-            patch[key] = after
+        if before == after:
+            continue
+        both_objects = isinstance(before, Mapping) and isinstance(after, Mapping)
+        patch[key] = status_patch(before, after) if both_objects else after
     return patch

@@ -322,3 +322,27 @@ def test_status_patch_sets_and_removes() -> None:
     assert status_patch({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 5, "c": None, "d": 4}) == {"b": 5, "c": None,
                                                                                             "d": 4}
     assert status_patch({"a": [1]}, {"a": [1]}) == {}
+
+
+def test_an_event_message_fits_the_api_servers_limit_keeping_its_start_and_end() -> None:
+    """A failed run's reason may be 1024 characters of log tail; "Job x failed: " on top made the API refuse the
+    Event (422), so a killed run posted none (found by tests/reliability/test_trainer_killed_cluster.py)."""
+    reason = "killed by SIGKILL, exit code 137: last log lines: …" + "ログ" * 400 + " step 1/12"
+    event = run_event({"job": "lumina-2", "outcome": "failed", "reason": reason})
+    assert event.reason == "RunFailed" and len(event.message.encode()) <= 1024
+    assert event.message.startswith("Job lumina-2 failed: killed by SIGKILL, exit code 137")
+    assert event.message.endswith(" step 1/12") and " … " in event.message
+    assert run_event({"job": "j", "outcome": "failed", "reason": "short"}).message == "Job j failed: short"
+
+
+def test_status_patch_removes_what_a_nested_object_no_longer_has() -> None:
+    """The API server merges nested objects of a merge patch: a failed run's lastRun must drop the last run's
+    version and metrics, not inherit them."""
+    trained = {"job": "lumina-1", "outcome": "trained", "version": "V1", "metrics": {"evalLossAdapter": 2.0}}
+    failed = {"job": "lumina-2", "outcome": "failed", "reason": "killed"}
+    patch = status_patch({"lastRun": trained, "x": 1}, {"lastRun": failed, "x": 1})
+    assert patch == {"lastRun": {"job": "lumina-2", "outcome": "failed", "reason": "killed", "version": None,
+                                 "metrics": None}}
+    assert status_patch({"a": {"b": {"c": 1, "d": 2}}}, {"a": {"b": {"c": 1}}}) == {"a": {"b": {"d": None}}}
+    assert status_patch({"a": {"b": 1}}, {"a": None}) == {"a": None}
+    assert status_patch({"a": 1}, {"a": {"b": 1}}) == {"a": {"b": 1}}

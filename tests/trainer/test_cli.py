@@ -177,7 +177,7 @@ def test_killed_during_publish_leaves_previous_versions_intact_and_no_partial_on
     for name, content in files.items():
         (previous / name).write_bytes(content)
 
-    env = dict(subprocess_env, TRAINING_TEST_PUBLISH_PAUSE="120")
+    env = dict(subprocess_env, TRAINING_TEST_PAUSE="publish:120")
     cmd = trainer_cmd(base_model_dir, root, result_file, "--history-file", str(history), "--epochs", "1",
                       "--batch-size", "8", "--min-examples", "30")
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

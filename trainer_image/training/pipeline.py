@@ -30,6 +30,7 @@ from .evaluate import before_after_samples, held_out_losses
 from .history import HistoryClient, fetch_persona, read_history_file, rfc3339
 from .manifest import build_manifest
 from .model import build_lora_config, fit_max_length, load_adapter, load_base, load_tokenizer
+from .pausing import pause_point
 from .prompt import PromptFormat, prompt_format_for
 from .publish import character_dir, check_writable, prune, publish, version_for
 from .train import TrainStats, train_lora
@@ -86,6 +87,7 @@ def run(config: TrainerConfig, *, started: datetime | None = None) -> RunReport 
     eval_records = data.eval_records()
     metrics = held_out_losses(model, tokenizer, eval_records, serving_path=_serving_path(config),
                               max_length=config.max_length, prompt_format=prompt_format)
+    pause_point("evaluate", "after the held-out losses")
     samples = before_after_samples(model, tokenizer, eval_records, prompt_format=prompt_format)
     compatibility = engine_compatibility(model)
     metrics.update(
@@ -128,6 +130,7 @@ def collect(config: TrainerConfig, until: datetime) -> list[dict[str, Any]]:
     else:
         raise ValueError("no history source: give --history-url or --history-file")
     log.info("collected %d messages for %s in [%s, %s)", len(messages), character, rfc3339(since), rfc3339(until))
+    pause_point("collect", f"after reading {len(messages)} messages")
     return messages
 
 

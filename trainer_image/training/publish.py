@@ -17,12 +17,11 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from .pausing import pause_point
+
 log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"^\d{8}T\d{6}Z$")
-# Test hook: seconds to sleep after the files are written and before the rename, so a test can kill the
-# trainer at exactly that point. Not a TRAINER_* name, so it can never be mistaken for a flag.
-PAUSE_ENV = "TRAINING_TEST_PUBLISH_PAUSE"
 STALE_TMP_SECONDS = 6 * 3600
 
 
@@ -102,10 +101,7 @@ def publish(root: str | Path, character: str, version: str, write: Callable[[Pat
     try:
         write(tmp)
         _fsync_tree(tmp)
-        pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-        if pause > 0:
-            print(f"publish: paused before rename of {tmp}", flush=True)
-            time.sleep(pause)
+        pause_point("publish", f"before rename of {tmp}")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the chat service reads it as another user
         if final.exists():
             raise PublishError(f"version {final} appeared while publishing")

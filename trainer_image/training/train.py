@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from .collate import CompletionCollator, tokenize_example
+from .pausing import pause_point
 from .prompt import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,14 @@ class ThroughputLogger(TrainerCallback):
             logs.get("learning_rate", 0.0),
             state.num_input_tokens_seen / elapsed,
         )
+
+
+class _TrainPausePoint(TrainerCallback):
+    """The ``train`` test pause point (training.pausing): after the first optimizer step, in the middle of training."""
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        if state.global_step == 1 and state.is_world_process_zero:
+            pause_point("train", f"after step 1/{state.max_steps}")
 
 
 @dataclass
@@ -185,7 +194,7 @@ def train_lora(
         args=args,
         train_dataset=dataset,
         data_collator=make_collator(tokenizer, max_length, padding),
-        callbacks=[ThroughputLogger()],
+        callbacks=[ThroughputLogger(), _TrainPausePoint()],
     )
     # The printer would put every log dict on stdout, whose last line is reserved for the result JSON;
     # ThroughputLogger reports the same numbers (plus tokens/s) through logging instead.
