@@ -130,3 +130,21 @@ def test_back_to_the_base_model_unloads() -> None:
     plan = plan_engine(spec(), {}, {"servingVersion": V1}, NOW)
     assert (plan.action, plan.version) == ("unmount", None)
     assert switched(plan, {"servingVersion": V1}).status["servingVersion"] is None
+
+
+def test_a_feedback_rollback_on_an_engine_target_serves_the_previous_version_at_once() -> None:
+    """Controller.check_feedback on an engine target: plan_feedback's rollback, switched in the pods, is the status
+    at once (no rollout left to follow): the previous version serves, the disliked one stays regressed."""
+    from finetune_operator.feedback import Thumbs, plan_feedback
+
+    guarded = FineTuneSpec.from_dict({
+        "character": "lumina", "data": {"historyURL": "http://chat", "tokenSecretRef": {"name": "t"}},
+        "adapterStorage": {"claimName": "adapters"}, "promotion": {"feedbackGuard": {"minRatedReplies": 30}},
+        "target": {"deployment": "chat", "engine": {"kind": "vLLM", "podSelector": {"app": "vllm"}}}})
+    status = {"servingVersion": V2, "previousVersion": V1, "approvedVersion": V2,
+              "history": [{"job": "j2", "version": V2}, {"job": "j1", "version": V1}]}
+    plan = plan_feedback(guarded, status, {V1: Thumbs(36, 4), V2: Thumbs(16, 24)}, NOW)
+    assert (plan.action, plan.version) == ("apply", V1)
+    done = switched(plan, status).status
+    assert done["servingVersion"] == V1 and done["rollout"] is None and done["regressedVersion"] == V2
+    assert plan_engine(guarded, {}, done, NOW).action == "none"  # and it is not promoted again
