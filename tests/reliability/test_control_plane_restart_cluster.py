@@ -119,7 +119,7 @@ def test_a_control_plane_restart_mid_run_converges_exactly_once(
     away = outage(plane, component)
     back = time.monotonic()
     env.finish_job(pod, trained("lumina", V1, adapter=2.0))
-    env.wait_status("lumina", "Ready on V1", ready_on(V1), timeout=120)
+    env.wait_status("lumina", "Ready on V1", ready_on(V1), timeout=180)
     print(f"{component} away {away:.1f}s while the Job ran; V1 Ready {time.monotonic() - back:.1f}s after it was "
           "back")
 
@@ -133,7 +133,7 @@ def test_a_control_plane_restart_mid_run_converges_exactly_once(
     finally:
         os.kill(env.operator.process.pid, signal.SIGCONT)
     back = time.monotonic()
-    status = env.wait_status("lumina", "Ready on V2", ready_on(V2), timeout=120)
+    status = env.wait_status("lumina", "Ready on V2", ready_on(V2), timeout=180)
     print(f"{component} away {away:.1f}s between result and promotion; V2 Ready {time.monotonic() - back:.1f}s "
           "after it was back")
 
