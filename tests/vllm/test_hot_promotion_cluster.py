@@ -135,7 +135,9 @@ def test_promotion_hot_loads_without_restarting_anything(stack: Stack) -> None:
     stack.pin(V2)
     stack.wait_serving(V2)
     assert stack.reply_version() == V2
-    print(f"pin {V2} → Ready and replies from it: {time.monotonic() - started:.1f}s")
+    seconds = time.monotonic() - started
+    print(f"pin {V2} → Ready and replies from it: {seconds:.1f}s")
+    assert seconds < 20, "a hot promotion takes seconds (0.8 s measured on 2 shared cores)"
     assert stack.engine_adapters() == {f"{CHARACTER}-{V2}"}  # the previous version unloaded after the switch
     assert stack.engine.process is not None and stack.engine.process.pid == pid  # no engine restart
     assert env.deployment()["metadata"]["generation"] == generation  # no roll: nothing mounted, nothing changed
