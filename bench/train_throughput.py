@@ -42,6 +42,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from devkit.paths import REPO_ROOT
+
 from bench._common import log, machine, peak_rss_mib, table, write_json
 
 VARIANTS = ("spec", "shipped", "grouped", "dynamic", "grouped-16", "checkpointing", "packed-exact", "packed")
@@ -267,13 +269,15 @@ def spawn(variant: str, args: argparse.Namespace, workdir: Path, model_path: Pat
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the Trainer would otherwise move to a GPU if one exists
     command = [
-        sys.executable, __file__, "--worker", variant, "--workdir", str(workdir), "--model", str(model_path),
+        # As a module from the repository root: run as a file, the script's folder would shadow the `bench` package.
+        sys.executable, "-m", "bench.train_throughput", "--worker", variant, "--workdir", str(workdir),
+        "--model", str(model_path),
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
         "--threads", str(args.threads), "--device", args.device, "--seed", str(args.seed),
         "--repeats", str(args.spec_repeats if variant == "spec" else args.repeats),
     ]
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, cwd=REPO_ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"variant {variant} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
