@@ -68,16 +68,20 @@ StoreDep = Annotated[Store, Depends(get_store)]
 bearer = HTTPBearer(auto_error=False, description="the HISTORY_TOKEN secret")
 
 
-def require_history_token(
-    service: ServiceDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> None:
+def check_bearer(credentials: HTTPAuthorizationCredentials | None, expected: str | None) -> None:
+    """401 unless the request's bearer token is `expected` (None: no token configured, so every request is refused)."""
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers=challenge)
-    expected = service.history_token
     # compare_digest: the time taken must not reveal how much of the token matched.
     if expected is None or not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid bearer token", headers=challenge)
+
+
+def require_history_token(
+    service: ServiceDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    check_bearer(credentials, service.history_token)
 
 
 def find_character(service: Service, name: str) -> Character:

@@ -5,7 +5,6 @@ serving (docs/contracts.md §6)."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, status
@@ -14,7 +13,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..apidoc import BODY_ERRORS, MODEL_NOT_READY, UNKNOWN_CHARACTER
-from ..deps import ServiceDep, find_character
+from ..deps import ServiceDep, check_bearer, find_character
 from ..generation import AdapterError
 
 admin_bearer = HTTPBearer(auto_error=False, description="the CHAT_ADMIN_TOKEN secret")
@@ -23,13 +22,7 @@ admin_bearer = HTTPBearer(auto_error=False, description="the CHAT_ADMIN_TOKEN se
 def require_admin_token(
     service: ServiceDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)]
 ) -> None:
-    challenge = {"WWW-Authenticate": "Bearer"}
-    expected = service.settings.resolved_admin_token()
-    if credentials is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers=challenge)
-    # compare_digest: the time taken must not reveal how much of the token matched.
-    if expected is None or not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid bearer token", headers=challenge)
+    check_bearer(credentials, service.settings.resolved_admin_token())
 
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin_token)])
