@@ -338,7 +338,9 @@ class Controller:
     def _feedback_switch(self, namespace: str, name: str, spec: FineTuneSpec, plan: Plan) -> bool:
         """The feedback guard's rollback on an engine target, at once; False: not done, the next check retries."""
         try:
-            deployment = self.kube.get(deployment_path(namespace, spec.target.deployment)) or {}
+            deployment = self.kube.get(deployment_path(namespace, spec.target.deployment))
+            if deployment is None:  # no Deployment, no pods to select: an empty selector would pick every pod
+                raise EngineUnreachable(f"target Deployment {spec.target.deployment!r} not found")
             self.hotswap.converge(namespace, name, spec, deployment, plan.version)
         except (EngineRefused, EngineUnreachable) as exc:
             log.warning("feedback rollback of %s/%s to %s not done: %s", namespace, name, plan.version, exc)

@@ -6,7 +6,6 @@ serving. Opt-in: `pytest --run-vllm tests/vllm`."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from chat_service.app import create_app
 from chat_service.config import Settings
 from devkit.vllm_engine import VllmServer, build_adapter
+from devkit.waiting import wait_until
 from fastapi.testclient import TestClient
 
 pytestmark = pytest.mark.vllm
@@ -51,10 +51,8 @@ def chat(engine: VllmServer, tiny_llama: Path, volume: Path, tmp_path: Path) -> 
                         engine_adapters_root=str(volume), engine_serving_dir=serving, admin_token=TOKEN,
                         history_token="t")
     with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").json()
-            time.sleep(0.5)
+        wait_until("the chat service ready", lambda: client.get("/readyz").status_code == 200, timeout=120,
+                   interval=0.5)
         yield client
 
 

@@ -19,6 +19,7 @@ from chat_service.engines.upstream import UpstreamEngine
 from chat_service.generation import read_adapter
 from chat_service.prompting import Turn, build_prompt, prompt_rules
 from devkit.vllm_engine import VllmServer
+from devkit.waiting import wait_until
 from fastapi.testclient import TestClient
 
 if TYPE_CHECKING:
@@ -54,10 +55,8 @@ def version(adapter_volume: AdapterVolume) -> str:
 @pytest.fixture()
 def chat(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").json()
-            time.sleep(0.5)
+        wait_until("the chat service ready", lambda: client.get("/readyz").status_code == 200, timeout=60,
+                   interval=0.5)
         yield client
 
 
