@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -401,17 +402,33 @@ def test_concurrent_chats_match_serial_ones(make_settings: Callable[..., Setting
         assert results == serial
 
 
-def test_health_and_history_answer_while_many_chats_queue(make_settings: Callable[..., Settings], kit) -> None:
+def test_health_and_history_answer_while_many_chats_queue(
+    make_settings: Callable[..., Settings], kit, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Queued generations wait on the event loop, not in threadpool threads (40), so with more queued chats than
     pool threads the probes and the history API still get a thread and answer at once."""
     import asyncio
 
+    from chat_service.generation import ModelManager
+
+    # The model answers 4 tokens in milliseconds, so chats would drain before the probes; a gate holds the first
+    # generation until the probes are done, which keeps the other 49 queued whatever the machine's speed.
+    release = threading.Event()
+    real_generate = ModelManager.generate
+
+    def generate(self: ModelManager, *args: Any, **kwargs: Any) -> Any:
+        release.wait(timeout=120)
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelManager, "generate", generate)
+
     def threads_in_generate() -> int:
-        """Threads now inside ModelManager.generate (running it or waiting for the model lock)."""
+        """Threads now inside ModelManager.generate (the gated wrapper or the real one)."""
         count = 0
         for frame in sys._current_frames().values():
             while frame is not None:
-                if frame.f_code.co_name == "generate" and frame.f_code.co_filename.endswith("generation.py"):
+                code = frame.f_code
+                if code.co_name == "generate" and code.co_filename.endswith(("generation.py", __file__)):
                     count += 1
                     break
                 frame = frame.f_back
@@ -430,14 +447,15 @@ def test_health_and_history_answer_while_many_chats_queue(make_settings: Callabl
             assert (await client.get("/v1/history", params={"character": "sora"}, headers=kit.auth)).status_code == 200
             history_seconds = time.perf_counter() - started
             pending = sum(not task.done() for task in chats)
+            release.set()
             statuses = [(await task).status_code for task in chats]
             return probe, history_seconds, threads, pending, statuses
 
     with kit.serve(make_settings()) as base:
         # The server runs in this process, so its threads' stacks can be inspected.
         probe, history_seconds, threads, pending, statuses = asyncio.run(run(base))
-    assert pending > 10, "the test needs chats still queued while it probes"
-    assert threads <= 1, f"{threads} threads inside generate: queued chats are holding threadpool threads"
+    assert pending == 50, "every chat should still be queued behind the gated first generation"
+    assert threads == 1, f"{threads} threads inside generate: queued chats are holding threadpool threads"
     assert probe < 2.0 and history_seconds < 2.0, (probe, history_seconds)
     assert statuses == [200] * 50
 
