@@ -67,9 +67,10 @@ images:
 kind-e2e: venv images
 	devkit/kind-e2e.sh
 
-# The real node (docs/local-cluster.md): containerd + runc + CNI and a kubelet beside the control plane, the three
-# images built from their Dockerfiles with buildah on a local Debian base and imported into containerd, and the tests
-# that run real pods from them. Not part of `make test` (a cold machine builds the node and ~10 GB of images first).
+# The real node (docs/local-cluster.md): containerd + runc + CNI, a kubelet, kube-proxy and CoreDNS beside the
+# control plane, the three images built from their Dockerfiles with buildah on a local Debian base and imported into
+# containerd, and the tests that run real pods from them. Not part of `make test` (a cold machine builds the node and
+# ~10 GB of images first).
 .PHONY: node-up node-images node-e2e
 node-up: venv control-plane
 	@devkit/node/build.sh >/dev/null

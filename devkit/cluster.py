@@ -308,7 +308,7 @@ def _https_ok(url: str, client: str | None = "admin") -> bool:
         return False
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return bool(response.status == 200)
@@ -459,7 +459,8 @@ def _flock(path: Path, mode: int) -> Iterator[int]:
 
 def cluster_up(real_node: bool = False) -> Cluster:
     """Starts the control plane (building it first if needed) unless it already runs; returns when /readyz is ok and
-    every node is Ready. `real_node` adds the real node (devkit.realnode: containerd + kubelet) beside kwok's."""
+    every node is Ready. `real_node` adds the real node (devkit.realnode: containerd, kubelet, kube-proxy, CoreDNS)
+    beside kwok's."""
     with _flock(STATE_LOCK, fcntl.LOCK_EX):
         return _up_locked(real_node)
 
@@ -512,8 +513,9 @@ def _start(bins: Path, real_node: bool) -> Cluster:
     if real_node:
         realnode.ensure_bridge()
         host = NODE_IP
-        # Port 443 as in a real cluster: in-cluster clients that know only `https://kubernetes.default.svc` (kopf)
-        # find it there through the pod's hostAliases (no cluster DNS yet). One real node per machine, so it is free.
+        # Port 443 as in a real cluster: the `kubernetes` Service's endpoint is the advertised address and port, and
+        # in-cluster clients (kopf) know only `https://kubernetes.default.svc`, port 443, which kube-proxy routes
+        # here. One real node per machine, so the port is free.
         ports["apiserver"] = 443
     server = f"https://{host}:{ports['apiserver']}"
     kubeconfigs = STATE_DIR / "kubeconfigs"
@@ -526,7 +528,7 @@ def _start(bins: Path, real_node: bool) -> Cluster:
     args = _component_args(bins, ports, host)
 
     _spawn("etcd", args["etcd"], state)
-    _wait("etcd health", lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health"), state, "etcd")
+    _wait("etcd health", lambda: http_ok(f"http://127.0.0.1:{ports['etcd']}/health"), state, "etcd")
     _spawn("kube-apiserver", args["kube-apiserver"], state)
     _wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz"), state, "kube-apiserver")
     for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
@@ -599,7 +601,7 @@ def _terminate(name: str, proc: dict[str, Any], sig: signal.Signals = signal.SIG
 def _component_ready(name: str, state: dict[str, Any]) -> bool:
     ports, host = state["ports"], state.get("host", "127.0.0.1")
     probes = {
-        "etcd": lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health"),
+        "etcd": lambda: http_ok(f"http://127.0.0.1:{ports['etcd']}/health"),
         "kube-apiserver": lambda: _https_ok(f"https://{host}:{ports['apiserver']}/readyz"),
         "kube-controller-manager": lambda: _https_ok(f"https://127.0.0.1:{ports['controller_manager']}/healthz",
                                                      client=None),
@@ -646,6 +648,19 @@ def restart_component(name: str, down_seconds: float = 0.0, sig: signal.Signals 
     time.sleep(down_seconds)
     start_component(name)
     return time.monotonic() - stopped
+
+
+def stop_real_node() -> None:
+    """Stops the real node alone (the control plane keeps running): for tests of what a node stop leaves behind.
+    The next `ensure_cluster(real_node=True)` starts it again."""
+    from devkit import realnode
+
+    with _flock(STATE_LOCK, fcntl.LOCK_EX):
+        state = read_state()
+        if not state or not state.get("node"):
+            raise ClusterError("no real node is recorded here")
+        realnode.stop(state)
+        write_state(state)
 
 
 def _usable(kubeconfig: Path) -> bool:

@@ -1,4 +1,5 @@
-"""A real node beside the local control plane: containerd + runc + CNI and a kubelet, all on this machine.
+"""A real node beside the local control plane: containerd + runc + CNI, a kubelet, kube-proxy and CoreDNS, all on
+this machine.
 
 The kwok nodes stay as they are (the simulated path: podrunner tests, the demo, GPU scheduling). The real node is
 `real-node-1`, labelled and tainted `llmmultichat.io/real-node=true:NoSchedule`: only pods that select and tolerate
@@ -8,7 +9,9 @@ Started by `python -m devkit.cluster up --real-node` (`make node-up`), stopped w
 Everything lives under `<cluster state>/node/`: containerd's root (images, kept across restarts) and state, the CNI
 config and IPAM data, the kubelet's root, pod logs, certificates and config. The pod network is the bridge `llmmc0`
 with 10.250.0.0/24; the host end, 10.250.0.1, is the node's InternalIP (the API server reaches the kubelet there) and
-the API server's advertised address (pods reach the API server there).
+the API server's advertised address (pods reach the API server there, and through the `kubernetes` Service).
+kube-proxy (iptables mode) routes Service cluster IPs; CoreDNS, a host process on 10.250.0.1:53, answers the cluster
+domain from the API server's Services and EndpointSlices and is every pod's nameserver.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -45,7 +49,19 @@ NODE_SRC = REPO_ROOT / "devkit" / "node"
 CNI_BIN = Path("/usr/lib/cni")
 CNI_PLUGINS = ("bridge", "host-local", "loopback", "portmap")
 NAMESPACE = "k8s.io"  # the containerd namespace the CRI plugin (and so the kubelet) uses
-COMPONENTS = ("containerd", "kubelet")
+COMPONENTS = ("containerd", "kubelet", "kube-proxy", "coredns")
+# CoreDNS listens on the host end of the bridge (every pod reaches it, no Service needed to find the DNS server).
+CLUSTER_DNS = NODE_IP
+CLUSTER_DOMAIN = "cluster.local"
+# Host settings the node needs while it runs, restored at stop. A pod's packet to a cluster IP is routed by the host
+# (DNAT to another pod, forwarded back onto the bridge); that pod's reply crosses the bridge only, and must go through
+# the host's netfilter to be un-DNATed (br_netfilter), or the client sees an answer from an address it never asked.
+_SYSCTLS = {"net/ipv4/ip_forward": "1", "net/bridge/bridge-nf-call-iptables": "1"}
+# The identities kube-proxy and CoreDNS authenticate as. system:kube-proxy is bound to system:node-proxier by the
+# API server's bootstrap RBAC; system:coredns gets the read access its kubernetes plugin needs (_coredns_rbac).
+PROXY_USER = "system:kube-proxy"
+COREDNS_USER = "system:coredns"
+PKI_LAYOUT = "2"  # bumped when the node's certificates change (a new component, a new SAN)
 
 
 class NodeError(cp.ClusterError):
@@ -120,7 +136,31 @@ def host_problems() -> list[str]:
             problems.append(f"`{tool}` is not on PATH (Debian package {package})")
     problems += [f"CNI plugin {CNI_BIN / p} is missing (Debian package containernetworking-plugins)"
                  for p in CNI_PLUGINS if not (CNI_BIN / p).exists()]
+    return problems + _netfilter_problems()
+
+
+def _netfilter_problems() -> list[str]:
+    """What kube-proxy's Service routing needs from the kernel: a usable nat table and br_netfilter."""
+    problems = []
+    if shutil.which("iptables"):
+        try:
+            nat = _iptables("iptables", "-t", "nat", "-L", "-n", timeout=15)
+        except subprocess.TimeoutExpired:
+            nat = None
+            problems.append("`iptables -t nat -L -n` did not answer within 15 s (the xtables lock is held?)")
+        if nat and nat.returncode != 0:
+            problems.append("the iptables nat table is unusable (kube-proxy's Service routing needs it; kernel "
+                            f"modules nf_nat / nft_chain_nat): {nat.stderr.strip()}")
+    for key in _SYSCTLS:
+        if not (Path("/proc/sys") / key).exists():
+            module = " (kernel module br_netfilter: `modprobe br_netfilter`)" if "bridge" in key else ""
+            problems.append(f"/proc/sys/{key} is missing{module}: Service routing between pods needs it")
     return problems
+
+
+def _iptables(tool: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    # -w: wait for the xtables lock (kube-proxy, CNI's portmap and buildah take it too) instead of failing.
+    return subprocess.run([tool, "-w", "5", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def check_host() -> None:
@@ -148,14 +188,16 @@ def _ip(*args: str) -> None:
 
 
 def _cni_config() -> dict[str, Any]:
-    # No gateway, no masquerade: pods talk to each other and to NODE_IP on the bridge, never off the machine (so the
-    # bridge plugin leaves ip_forward and the nat table alone). portmap serves hostPort, loopback brings up `lo`.
+    # No default gateway, no masquerade: pods talk to each other and to NODE_IP on the bridge, never off the machine.
+    # The one route through the host is to the Service range, which kube-proxy's rules there DNAT to endpoints.
+    # portmap serves hostPort, loopback brings up `lo`.
     return {
         "cniVersion": "1.0.0", "name": "llmmultichat",
         "plugins": [
             {"type": "bridge", "bridge": BRIDGE, "isGateway": False, "ipMasq": False, "hairpinMode": True,
              "ipam": {"type": "host-local", "dataDir": str(_paths()["cni_data"]),
-                      "ranges": [[{"subnet": SUBNET, "rangeStart": "10.250.0.10", "gateway": NODE_IP}]]}},
+                      "ranges": [[{"subnet": SUBNET, "rangeStart": "10.250.0.10", "gateway": NODE_IP}]],
+                      "routes": [{"dst": cp.SERVICE_CIDR, "gw": NODE_IP}]}},
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ],
     }
@@ -233,7 +275,10 @@ def _kubelet_config(ports: dict[str, int]) -> dict[str, Any]:
         "authorization": {"mode": "Webhook"},
         "registerWithTaints": [{"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}],
         "podLogsDir": str(p["pod_logs"]), "volumePluginDir": str(p["plugins"]),
-        "clusterDomain": "cluster.local", "failSwapOn": False, "rotateCertificates": False,
+        # Pods resolve through CoreDNS only: the host's resolv.conf names servers a pod cannot reach (no route off
+        # the machine) and search domains that would only slow every lookup down.
+        "clusterDNS": [CLUSTER_DNS], "clusterDomain": CLUSTER_DOMAIN, "resolvConf": "",
+        "failSwapOn": False, "rotateCertificates": False,
         # A shared development disk: evictions only when it is nearly full, and no image GC by usage (the imported
         # images cannot be pulled back; they are also pinned, which disk-pressure reclaim respects).
         "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
@@ -244,11 +289,63 @@ def _kubelet_config(ports: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def _kube_proxy_config(ports: dict[str, int]) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(_paths()["config"] / "kube-proxy.kubeconfig")},
+        "mode": "iptables", "clusterCIDR": SUBNET, "hostnameOverride": NODE_NAME, "bindAddress": NODE_IP,
+        "healthzBindAddress": f"127.0.0.1:{ports['kube_proxy_healthz']}",
+        "metricsBindAddress": f"127.0.0.1:{ports['kube_proxy_metrics']}",
+        "nodePortAddresses": [f"{NODE_IP}/32"],
+        # 0 leaves the host's conntrack sysctls as they are (nothing to restore at stop; this is a shared machine),
+        # and no route_localnet: NodePorts are not served on 127.0.0.1.
+        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+        "iptables": {"localhostNodePorts": False, "masqueradeAll": False, "minSyncPeriod": "1s",
+                     "syncPeriod": "30s"},
+    }
+
+
+def _corefile(ports: dict[str, int]) -> str:
+    # `log` writes every query to .cluster/logs/coredns.log (the first thing to read when a name does not resolve);
+    # other names go to the host's resolvers (which pods could not reach themselves).
+    return f"""\
+.:53 {{
+    bind {CLUSTER_DNS}
+    errors
+    log
+    health 127.0.0.1:{ports['coredns_health']}
+    ready 127.0.0.1:{ports['coredns_ready']}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {_paths()['config'] / 'coredns.kubeconfig'} llmmultichat
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 5
+    }}
+    forward . /etc/resolv.conf
+    cache 5
+}}
+"""
+
+
+def _coredns_rbac() -> list[dict[str, Any]]:
+    """What CoreDNS's kubernetes plugin reads (as kubeadm grants it), for the user its certificate names."""
+    rbac = "rbac.authorization.k8s.io"
+    return [
+        {"apiVersion": f"{rbac}/v1", "kind": "ClusterRole", "metadata": {"name": COREDNS_USER},
+         "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"],
+                    "verbs": ["list", "watch"]},
+                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}]},
+        {"apiVersion": f"{rbac}/v1", "kind": "ClusterRoleBinding", "metadata": {"name": COREDNS_USER},
+         "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": COREDNS_USER},
+         "subjects": [{"apiGroup": rbac, "kind": "User", "name": COREDNS_USER}]},
+    ]
+
+
 def _node_certificates() -> None:
     pki = _paths()["pki"]
-    # Made anew whenever the cluster's CA is (its certificate's hash is the marker's content).
-    ca_hash = hashlib.sha256((cp.PKI / "ca.crt").read_bytes()).hexdigest()
-    if (pki / "complete").exists() and (pki / "complete").read_text() == ca_hash:
+    # Made anew whenever the cluster's CA is (its certificate's hash is in the marker) or the set of certificates.
+    marker = hashlib.sha256((cp.PKI / "ca.crt").read_bytes()).hexdigest() + f" {PKI_LAYOUT}"
+    if (pki / "complete").exists() and (pki / "complete").read_text() == marker:
         return
     pki.mkdir(parents=True, exist_ok=True)
     client_ext = "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
@@ -257,7 +354,9 @@ def _node_certificates() -> None:
     # The Node authorizer and NodeRestriction know a kubelet by this identity.
     cp.sign_certificate(pki / "kubelet-client", f"/CN=system:node:{NODE_NAME}/O=system:nodes", client_ext)
     cp.sign_certificate(pki / "kubelet-serving", f"/CN={NODE_NAME}", serving_ext)
-    (pki / "complete").write_text(ca_hash)
+    cp.sign_certificate(pki / "kube-proxy", f"/CN={PROXY_USER}", client_ext)
+    cp.sign_certificate(pki / "coredns", f"/CN={COREDNS_USER}", client_ext)
+    (pki / "complete").write_text(marker)
 
 
 def _write_configs(server: str, ports: dict[str, int]) -> None:
@@ -268,8 +367,12 @@ def _write_configs(server: str, ports: dict[str, int]) -> None:
     (p["config"] / "containerd.toml").write_text(_containerd_config())
     (p["cni_conf"] / "10-llmmultichat.conflist").write_text(json.dumps(_cni_config(), indent=2))
     (p["config"] / "kubelet.yaml").write_text(json.dumps(_kubelet_config(ports), indent=2))
-    (p["config"] / "kubeconfig").write_text(cp.kubeconfig_for(server, p["pki"] / "kubelet-client"))
-    (p["config"] / "kubeconfig").chmod(0o600)
+    (p["config"] / "kube-proxy.yaml").write_text(json.dumps(_kube_proxy_config(ports), indent=2))
+    (p["config"] / "Corefile").write_text(_corefile(ports))
+    for name, cert in (("kubeconfig", "kubelet-client"), ("kube-proxy.kubeconfig", "kube-proxy"),
+                       ("coredns.kubeconfig", "coredns")):
+        (p["config"] / name).write_text(cp.kubeconfig_for(server, p["pki"] / cert))
+        (p["config"] / name).chmod(0o600)
 
 
 # ---------------------------------------------------------------------------------------------------------- pause image
@@ -332,7 +435,8 @@ def start(state: dict[str, Any], cluster: cp.Cluster) -> None:
     """Starts containerd and the kubelet for the running control plane recorded in `state`; returns once the node is
     Ready. The pod bridge must exist already (ensure_bridge, before the API server)."""
     bins = build()
-    ports = {"kubelet": free_port(), "kubelet_healthz": free_port()}
+    ports = {name: free_port() for name in ("kubelet", "kubelet_healthz", "kube_proxy_healthz",
+                                            "kube_proxy_metrics", "coredns_health", "coredns_ready")}
     server = f"https://{state['host']}:{state['ports']['apiserver']}"
     _write_configs(server, ports)
     p = _paths()
@@ -350,7 +454,41 @@ def start(state: dict[str, Any], cluster: cp.Cluster) -> None:
         "--v=1",
     ], env={"PATH": f"{bins}:{os.environ.get('PATH', '')}"})
     _wait(state, f"node {NODE_NAME} Ready", lambda: _node_ready(cluster), "kubelet", timeout=120)
-    cp.log(f"real node {NODE_NAME} Ready (containerd + kubelet, pods on {BRIDGE} {SUBNET})")
+    _start_services(state, cluster, bins, ports)
+    cp.log(f"real node {NODE_NAME} Ready (containerd, kubelet, kube-proxy, CoreDNS on {CLUSTER_DNS}:53; pods on "
+           f"{BRIDGE} {SUBNET})")
+
+
+def _start_services(state: dict[str, Any], cluster: cp.Cluster, bins: Path, ports: dict[str, int]) -> None:
+    """kube-proxy (Service routing) and CoreDNS (cluster DNS); returns once kube-proxy has synced its rules and
+    CoreDNS has listed the cluster's Services."""
+    config = _paths()["config"]
+    _set_sysctls(state)
+    _spawn(state, "kube-proxy", [str(bins / "kube-proxy"), f"--config={config / 'kube-proxy.yaml'}", "--v=1"],
+           env={})
+    _wait(state, "kube-proxy /healthz", lambda: cp.http_ok(f"http://127.0.0.1:{ports['kube_proxy_healthz']}/healthz"),
+          "kube-proxy")
+    cluster.apply(_coredns_rbac())
+    _spawn(state, "coredns", [str(bins / "coredns"), "-conf", str(config / "Corefile")], env={})
+    _wait(state, "CoreDNS /ready", lambda: cp.http_ok(f"http://127.0.0.1:{ports['coredns_ready']}/ready"),
+          "coredns")
+
+
+def _set_sysctls(state: dict[str, Any]) -> None:
+    saved = state["node"].setdefault("sysctls", {})
+    for key, value in _SYSCTLS.items():
+        path = Path("/proc/sys") / key
+        current = path.read_text().strip()
+        if current != value:
+            saved.setdefault(key, current)  # the host's own value, not one a previous start set
+            path.write_text(value)
+    cp.write_state(state)
+
+
+def _restore_sysctls(node: dict[str, Any]) -> None:
+    for key, value in node.get("sysctls", {}).items():
+        with contextlib.suppress(OSError):
+            (Path("/proc/sys") / key).write_text(value)
 
 
 def _node_ready(cluster: cp.Cluster) -> bool:
@@ -392,15 +530,17 @@ def healthy(state: dict[str, Any] | None) -> bool:
 
 def stop(state: dict[str, Any]) -> None:
     """Stops the node and leaves nothing behind: its pods are deleted through the API while the kubelet still runs
-    (so CNI tears their networks down), then the kubelet and containerd stop, leftover containers are removed,
-    everything mounted under the node's directory is unmounted, the kubelet's cgroups and the bridge are removed.
+    (so CNI tears their networks down), then CoreDNS, kube-proxy, the kubelet and containerd stop, leftover
+    containers are removed, everything mounted under the node's directory is unmounted, the kubelet's cgroups,
+    kube-proxy's and the kubelet's iptables chains and the bridge are removed, and the host's sysctls restored.
     containerd's root (the imported images) is kept for the next start."""
     node = state.get("node") or {}
     processes = node.get("processes", {})
     bins = Path(node["bin_dir"]) if node.get("bin_dir") else None
     if processes.get("kubelet") and cp.alive(processes["kubelet"]):
         _drain()
-    _terminate(processes.get("kubelet"), "kubelet")
+    for name in ("coredns", "kube-proxy", "kubelet"):
+        _terminate(processes.get(name), name)
     if bins and processes.get("containerd") and cp.alive(processes["containerd"]):
         _remove_containers(bins)
     _terminate(processes.get("containerd"), "containerd")
@@ -408,6 +548,8 @@ def stop(state: dict[str, Any]) -> None:
         _kill_shims(bins / "containerd-shim-runc-v2")
     _unmount_under(node_dir())
     _remove_kubelet_cgroups()
+    _remove_service_rules(bins)
+    _restore_sysctls(node)
     subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
     for name, path in _paths().items():
         if name not in ("base", "root", "pki"):
@@ -510,8 +652,10 @@ def _remove_kubelet_cgroups() -> None:
 # kubelet or containerd; buildah shares /var/lib/cni and recreates it when it needs it.
 _FIXED_DIRS = ("/var/lib/kubelet/device-plugins", "/var/lib/kubelet", "/run/containerd/s", "/run/containerd",
                "/var/lib/cni/results", "/var/lib/cni", "/var/log/containers")
-# The kubelet's canary chains (it watches them to notice a flushed firewall), one per table and IP family.
-_CANARY_CHAIN = "KUBE-KUBELET-CANARY"
+# Where kube-proxy and the kubelet put their chains (KUBE-SERVICES, KUBE-POSTROUTING, the canaries they watch to
+# notice a flushed firewall, ...), in both IP families: kube-proxy sets IPv6 up too when ip6tables works.
+_IPTABLES = ("iptables", "ip6tables")
+_TABLES = ("filter", "nat", "mangle", "raw")
 
 
 def _remove_fixed_path_leftovers() -> None:
@@ -519,9 +663,45 @@ def _remove_fixed_path_leftovers() -> None:
     for folder in _FIXED_DIRS:
         with contextlib.suppress(OSError):
             Path(folder).rmdir()  # only when empty
-    for tool in ("iptables", "ip6tables"):
-        for table in ("filter", "nat", "mangle"):
-            subprocess.run([tool, "-t", table, "-X", _CANARY_CHAIN], capture_output=True)
+
+
+def kube_chains() -> list[str]:
+    """Every KUBE-* chain on this host, as '<tool> <table> <chain>' (empty when no node runs)."""
+    return [f"{tool} {table} {chain}" for tool, table, rules in _rule_sets() for chain in _chains(rules)]
+
+
+def _rule_sets() -> list[tuple[str, str, list[str]]]:
+    sets = []
+    for tool in _IPTABLES:
+        for table in _TABLES:
+            listed = _iptables(tool, "-t", table, "-S")
+            if listed.returncode == 0:  # a table this kernel lacks (raw, for one family) holds nothing
+                sets.append((tool, table, listed.stdout.splitlines()))
+    return sets
+
+
+def _chains(rules: list[str]) -> list[str]:
+    return [line.split()[1] for line in rules if line.startswith("-N KUBE-")]
+
+
+def _remove_service_rules(bins: Path | None) -> None:
+    """kube-proxy's own cleanup (`--cleanup`: its iptables, ipvs and nftables leftovers), then whatever KUBE-*
+    chains remain (the kubelet's canaries, a kube-proxy killed mid-sync): the jumps into them from the built-in
+    chains, then their rules, then the chains."""
+    if bins and (bins / "kube-proxy").exists():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([str(bins / "kube-proxy"), "--cleanup", "--v=0"], capture_output=True, timeout=60)
+    for tool, table, rules in _rule_sets():
+        for rule in rules:
+            words = shlex.split(rule)
+            if words[0] == "-A" and not words[1].startswith("KUBE-") and re.search(r" -[jg] KUBE-", rule):
+                _iptables(tool, "-t", table, "-D", *words[1:])
+        for flag in ("-F", "-X"):
+            for chain in _chains(rules):
+                _iptables(tool, "-t", table, flag, chain)
+    left = kube_chains()
+    if left:
+        raise NodeError(f"iptables chains left after the node stopped: {left}")
 
 
 def _remove_dangling_log_links() -> None:

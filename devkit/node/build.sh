@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local cluster's real node into a cache outside the clone: the kubelet (from the control plane's module,
-# ../control-plane/build.sh kubelet), containerd, containerd-shim-runc-v2 and ctr (this directory's module) and the
-# sandbox image's pause binary. Skips the build when the stamp matches. Prints the bin directory as the last line.
+# ../control-plane/build.sh kubelet), kube-proxy (the same module, build-kube-proxy.sh), CoreDNS (../coredns/build.sh),
+# containerd, containerd-shim-runc-v2 and ctr (this directory's module) and the sandbox image's pause binary. Each
+# skips its build when its stamp matches. Prints the bin directory (every binary, linked where built elsewhere) last.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/versions.env"
@@ -13,13 +14,18 @@ if ! command -v go >/dev/null; then
 fi
 cache="${LLMMULTICHAT_CACHE:-$HOME/.cache/llmmultichat}"
 kubelet_bin="$(bash "$here/../control-plane/build.sh" kubelet | tail -n1)"
+kube_proxy_bin="$(bash "$here/build-kube-proxy.sh" | tail -n1)"
+coredns_bin="$(bash "$here/../coredns/build.sh" | tail -n1)"
 bin="$cache/containerd-${CONTAINERD_VERSION}/bin"
 stamp_value="$(cat "$here/go.mod" "$here/go.sum" "$here/build.sh" "$here/pause/main.go" | sha256sum | cut -d' ' -f1)"
 stamp_value+=" $(go env GOVERSION)"
 binaries=(containerd containerd-shim-runc-v2 ctr pause)
 
 mkdir -p "$bin"
-ln -sfn "$kubelet_bin/kubelet" "$bin/kubelet"  # one bin directory for the whole node
+# One bin directory for the whole node.
+ln -sfn "$kubelet_bin/kubelet" "$bin/kubelet"
+ln -sfn "$kube_proxy_bin/kube-proxy" "$bin/kube-proxy"
+ln -sfn "$coredns_bin/coredns" "$bin/coredns"
 
 current=1
 [[ "$(cat "$bin/../stamp" 2>/dev/null)" == "$stamp_value" ]] || current=0

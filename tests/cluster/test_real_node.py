@@ -1,5 +1,6 @@
 """The real node (devkit.realnode): a kubelet and containerd beside the kwok nodes, running pods with the chat pod's
-security context from an image built here (the local Debian base, imported by `make node-images`).
+security context from an image built here (the local Debian base, imported by `make node-images`), with Services
+routed by kube-proxy and names answered by CoreDNS.
 
 Opt-in (`make node-e2e`, or pytest --run-real-node with `make node-up node-images` done): a cold machine builds the
 kubelet, containerd and the images first.
@@ -9,14 +10,19 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from devkit.cluster import Cluster, using_cluster
+from devkit import realnode
+from devkit.cluster import Cluster, alive, ensure_cluster, read_state, stop_real_node, using_cluster
 from devkit.localimages import BASE_IMAGE
-from devkit.realnode import NODE_IP, NODE_LABEL, NODE_NAME, NODE_SELECTOR, SUBNET, TOLERATION
+from devkit.realnode import BRIDGE, CLUSTER_DNS, NODE_IP, NODE_LABEL, NODE_NAME, NODE_SELECTOR, SUBNET, TOLERATION
 from devkit.waiting import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
@@ -159,3 +165,97 @@ def test_kwok_pods_never_land_on_the_real_node(node_cluster: Cluster, ns: str) -
     for i in range(3):
         wait_phase(node_cluster, ns, f"sim-{i}", {"Running"}, timeout=60)
         assert node_cluster.get_json("pod", f"sim-{i}", "-n", ns)["spec"]["nodeName"] == "cpu-node-1"
+
+
+# Run in a pod: the names through CoreDNS (the short one through the search path), a page through the web Service's
+# cluster IP, and the API server's /version through the `kubernetes` Service, its certificate checked against the
+# Service's DNS name. Retries while kube-proxy and CoreDNS catch up with a Service made a moment ago.
+CLIENT = """
+import json, socket, ssl, sys, time, urllib.request
+ns, sa = sys.argv[1], "/var/run/secrets/kubernetes.io/serviceaccount"
+deadline = time.monotonic() + 60
+while True:
+    try:
+        names = {n: socket.gethostbyname(n) for n in ("kubernetes.default.svc.cluster.local", "web", f"web.{ns}.svc")}
+        body = urllib.request.urlopen(f"http://web.{ns}.svc/", timeout=5).read().decode().strip()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(1)
+request = urllib.request.Request("https://kubernetes.default.svc/version",
+                                 headers={"Authorization": "Bearer " + open(sa + "/token").read()})
+context = ssl.create_default_context(cafile=sa + "/ca.crt")
+version = json.load(urllib.request.urlopen(request, timeout=10, context=context))["gitVersion"]
+print(json.dumps({"names": names, "body": body, "version": version}))
+"""
+
+
+def test_a_pod_reaches_services_by_their_dns_names(node_cluster: Cluster, ns: str) -> None:
+    web = chat_like_pod("web", ["sh", "-c", "echo served-by-web > /tmp/index.html && "
+                                            "exec python3 -m http.server 8080 --directory /tmp"])
+    web["metadata"]["labels"] = {"app": "web"}
+    client = chat_like_pod("client", ["sleep", "600"])
+    client["spec"]["automountServiceAccountToken"] = True
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+               "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    node_cluster.apply([web, client, service], namespace=ns)
+    wait_phase(node_cluster, ns, "web", {"Running"})
+    wait_phase(node_cluster, ns, "client", {"Running"})
+    web_ip = node_cluster.get_json("service", "web", "-n", ns)["spec"]["clusterIP"]
+    api_ip = node_cluster.get_json("service", "kubernetes", "-n", "default")["spec"]["clusterIP"]
+    assert api_ip != NODE_IP  # the pod below goes through the Service, not straight to the API server
+
+    answer = json.loads(exec_in(node_cluster, ns, "client", "python3", "-c", CLIENT, ns).stdout)
+    assert answer["names"] == {"kubernetes.default.svc.cluster.local": api_ip, "web": web_ip, f"web.{ns}.svc": web_ip}
+    assert answer["body"] == "served-by-web"
+    server = json.loads(node_cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
+    assert answer["version"] == server
+    resolv = exec_in(node_cluster, ns, "client", "cat", "/etc/resolv.conf").stdout.splitlines()
+    assert f"nameserver {CLUSTER_DNS}" in resolv
+    assert f"search {ns}.svc.cluster.local svc.cluster.local cluster.local" in resolv, resolv
+    # The host reaches a cluster IP too (kube-proxy's OUTPUT rules), as the e2e test does for the chat Service.
+    with urllib.request.urlopen(f"http://{web_ip}/", timeout=10) as response:
+        assert response.read().decode().strip() == "served-by-web"
+
+
+def test_a_missing_nat_table_is_named_not_waited_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "iptables"
+    fake.write_text("#!/bin/sh\necho \"iptables v1.8.9 (nf_tables): can't initialize iptables table 'nat': "
+                    "Table does not exist\" >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    problems = [p for p in realnode.host_problems() if "nat table" in p]
+    assert len(problems) == 1 and "can't initialize iptables table 'nat'" in problems[0], problems
+
+
+def _processes_running(executables: set[Path]) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and Path(os.readlink(entry / "exe")) in executables:
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_node_stop_leaves_no_service_rules_or_processes(node_cluster: Cluster) -> None:
+    # Last in this module: it stops the node, and starts it again for whoever comes next.
+    node = read_state()["node"]  # type: ignore[index]
+    bins = Path(node["bin_dir"])
+    executables = {(bins / name).resolve() for name in realnode.COMPONENTS}
+    chains = realnode.kube_chains()
+    assert "iptables nat KUBE-SERVICES" in chains and "iptables nat KUBE-POSTROUTING" in chains, chains
+    assert len(_processes_running(executables)) >= len(realnode.COMPONENTS)
+    saved = dict(node.get("sysctls", {}))
+    stop_real_node()
+    try:
+        assert realnode.kube_chains() == []
+        assert not [name for name, proc in node["processes"].items() if alive(proc)]
+        assert _processes_running(executables) == []
+        assert subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0
+        for key, value in saved.items():  # the host's own values again
+            assert (Path("/proc/sys") / key).read_text().strip() == value
+    finally:
+        ensure_cluster(real_node=True)

@@ -3,9 +3,10 @@ the operator pod (its ServiceAccount token mounted by the kubelet), the chat pod
 volume), a trainer Job pod from the operator's CronJob with `resources.gpus: 0`, its result read from the
 `state.terminated.message` the kubelet wrote, and the promotion roll replacing the chat container.
 
-No pod runner and no kwok here. What is not real yet: Service routing and cluster DNS (no kube-proxy, no CoreDNS on
-the real node): the chat pod is reached at its pod IP, and the operator reaches the API server at the node address
-(KUBERNETES_SERVICE_HOST/PORT set in its pod) instead of the `kubernetes` Service's cluster IP.
+No pod runner and no kwok here, and no shortcut around Services: the operator reaches the API server as any pod
+does (`https://kubernetes.default.svc` through CoreDNS, the `kubernetes` Service's cluster IP through kube-proxy), and
+the trainer pod reads the history at the chat Service's DNS name (`historyURL` http://chat.<ns>.svc:8000). This
+process, on the host, reaches the chat service at its cluster IP (kube-proxy's rules serve the host too).
 
 Opt-in: `make node-e2e` (pytest --run-real-node, after `make node-up node-images`).
 """
@@ -25,12 +26,12 @@ import httpx
 import pytest
 import yaml
 from devkit import conversations, localimages
-from devkit.cluster import Cluster, read_state, using_cluster
+from devkit.cluster import Cluster, using_cluster
 from devkit.demo import import_history, sample_replies, serving_version
 from devkit.model import ensure_embedded_model
 from devkit.paths import DEPLOY, SAMPLE_FINETUNE
 from devkit.podrunner import pvc_local_path
-from devkit.realnode import NODE_IP, NODE_NAME, NODE_SELECTOR, TOLERATION
+from devkit.realnode import NODE_NAME, NODE_SELECTOR, TOLERATION
 from devkit.waiting import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
@@ -52,11 +53,9 @@ def kube(cluster: Cluster, *args: str) -> Any:
     return json.loads(cluster.kubectl("-n", NS, *args, "-o", "json").stdout)
 
 
-def on_real_node(objects: list[dict[str, Any]], apiserver_port: int) -> list[dict[str, Any]]:
+def on_real_node(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """deploy/embedded as rendered by kustomize, moved to NS and onto the real node. The operator watches NS only
-    (the simulated demo's operator may watch the rest) and reaches the API server at the node address: by name
-    through hostAliases (kopf knows only https://kubernetes.default.svc) and by KUBERNETES_SERVICE_HOST/PORT (the
-    kubernetes client), as there is no cluster DNS or Service routing on the real node yet."""
+    (the simulated demo's operator may watch the rest)."""
     for obj in objects:
         meta = obj["metadata"]
         if obj["kind"] == "Namespace" and meta["name"] == DEPLOYED_NS:
@@ -73,12 +72,7 @@ def on_real_node(objects: list[dict[str, Any]], apiserver_port: int) -> list[dic
             pod["nodeSelector"] = NODE_SELECTOR
             pod["tolerations"] = [TOLERATION]
             if meta["name"] == "finetune-operator":
-                pod["hostAliases"] = [{"ip": NODE_IP, "hostnames": ["kubernetes.default.svc", "kubernetes.default"]}]
-                pod["containers"][0]["env"] += [
-                    {"name": "FINETUNE_NAMESPACES", "value": NS},
-                    {"name": "KUBERNETES_SERVICE_HOST", "value": NODE_IP},
-                    {"name": "KUBERNETES_SERVICE_PORT", "value": str(apiserver_port)},
-                ]
+                pod["containers"][0]["env"].append({"name": "FINETUNE_NAMESPACES", "value": NS})
     return objects
 
 
@@ -93,8 +87,7 @@ def reset_namespace(cluster: Cluster) -> None:
 def deploy(cluster: Cluster) -> str:
     """deploy/ on the real node, a random history token, the embedded model on the model volume; returns the token."""
     reset_namespace(cluster)
-    port = int(read_state()["ports"]["apiserver"])  # type: ignore[index]
-    rendered = on_real_node(list(yaml.safe_load_all(cluster.kubectl("kustomize", str(EMBEDDED)).stdout)), port)
+    rendered = on_real_node(list(yaml.safe_load_all(cluster.kubectl("kustomize", str(EMBEDDED)).stdout)))
     # The namespace and the volumes first: the model is on its volume before a chat pod starts (the chat service
     # loads it once, at start).
     first = [o for o in rendered if o["kind"] in ("Namespace", "PersistentVolumeClaim")]
@@ -149,7 +142,7 @@ def apply_finetune(cluster: Cluster, history_url: str) -> dict[str, Any]:
     resource = yaml.safe_load(SAMPLE_FINETUNE.read_text())
     resource["metadata"]["namespace"] = NS
     spec = resource["spec"]
-    spec["data"]["historyURL"] = history_url  # no Service routing on the real node yet: the chat pod's IP
+    spec["data"]["historyURL"] = history_url
     spec["resources"] = {"gpus": 0, "nodeSelector": NODE_SELECTOR, "tolerations": [TOLERATION]}
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump(resource))
     return resource
@@ -182,7 +175,8 @@ def test_the_loop_runs_as_real_pods(node_cluster: Cluster) -> None:
     assert_runs_our_image(cluster, operator, "llmmultichat/operator")
     chat = ready_pod(cluster, "app.kubernetes.io/name=chat", timeout=900)
     assert_runs_our_image(cluster, chat, "llmmultichat/chat")
-    url = f"http://{chat['status']['podIP']}:8000"
+    # From the host through kube-proxy: the chat Service's cluster IP.
+    url = f"http://{kube(cluster, 'get', 'service', 'chat')['spec']['clusterIP']}:8000"
 
     now = datetime.now(UTC)
     for seed, name in enumerate((CHARACTER, "sora"), start=1):
@@ -193,7 +187,8 @@ def test_the_loop_runs_as_real_pods(node_cluster: Cluster) -> None:
     prompts = conversations.held_out_prompts(CHARACTER)
     sample_replies(url, CHARACTER, prompts[:1])
 
-    resource = apply_finetune(cluster, url)
+    # The trainer pod resolves the Service's name through CoreDNS and reaches it through kube-proxy.
+    resource = apply_finetune(cluster, f"http://chat.{NS}.svc:8000")
     trainer, result = train_now(cluster, resource["metadata"]["name"])
     assert_runs_our_image(cluster, trainer, "llmmultichat/trainer")
     assert trainer["spec"]["containers"][0]["resources"].get("limits", {}).get("nvidia.com/gpu") is None
@@ -214,7 +209,7 @@ def test_the_loop_runs_as_real_pods(node_cluster: Cluster) -> None:
     assert new_chat["status"]["containerStatuses"][0]["containerID"] != old_id
     mounts = {m["mountPath"] for m in new_chat["spec"]["containers"][0]["volumeMounts"]}
     assert f"/models/lora_{CHARACTER}" in mounts
-    new_url = f"http://{new_chat['status']['podIP']}:8000"
+    new_url = f"http://{new_chat['status']['podIP']}:8000"  # this pod, not whichever the Service picks mid-roll
     assert serving_version(new_url, CHARACTER) == version != before
     assert all(sample_replies(new_url, CHARACTER, prompts[:2]))
 
