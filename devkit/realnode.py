@@ -480,7 +480,7 @@ def _set_sysctls(state: dict[str, Any]) -> None:
         path = Path("/proc/sys") / key
         current = path.read_text().strip()
         if current != value:
-            saved.setdefault(key, current)  # the host's own value, not one a previous start set
+            saved[key] = current  # the host's value, put back at stop
             path.write_text(value)
     cp.write_state(state)
 
