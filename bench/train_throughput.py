@@ -8,15 +8,14 @@ same epochs, through the trainer's own ``training.train.train_lora`` — only th
 
 =============  ==================================================================================================
 spec           the original spec: every example padded to 512, batch 4, loss on prompt and reply, random order
-shipped        the trainer's defaults (``train_lora`` as the CLI calls it); loss on the reply; it equals grouped or
-               dynamic, whichever ``train_lora``'s ``group_by_length`` default picks — that one is not run twice
-grouped        pad to the longest in the batch, length-grouped batches (the Trainer's group_by_length sampler)
-dynamic        pad to the longest in the batch, random order
-grouped-16     a candidate middle way: random groups of 16 examples, sorted by length into 4 batches, all batches
-               in random order (little padding, batches still mixed); a sampler swapped into the Trainer here
+shipped        the trainer's defaults (``train_lora`` as the CLI calls it): loss on the reply, random order, each
+               batch one pad-free row (examples back to back, position ids restarting, attention kept inside each
+               example: the padded batch's maths without the padding)
+dynamic        shipped's random batches padded to their longest member (the trainer's default before packing)
+grouped        padded to the longest, length-grouped batches (the Trainer's group_by_length sampler)
+grouped-16     a middle way: random groups of 16 examples, sorted by length into 4 batches, all batches in random
+               order (little padding, batches still mixed), padded; a sampler swapped into the Trainer here
 checkpointing  shipped with gradient checkpointing (trades compute for activation memory)
-packed-exact   shipped's very batches with the padding removed: each batch is one row of its examples back to
-               back, position ids restarting per example, attention kept inside each example (same maths)
 packed         the practical ceiling: all tokens concatenated and cut into rows of the mean example length, batch 4
                rows, plain causal attention, no mask, no padding — pretraining-style packing; the same tokens and
                tokens per step, but examples are cut and see their neighbours, so its loss is not comparable
@@ -30,7 +29,6 @@ held-out sessions) after training.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import subprocess
@@ -46,7 +44,7 @@ from devkit.paths import REPO_ROOT
 
 from bench._common import log, machine, peak_rss_mib, table, write_json
 
-VARIANTS = ("spec", "shipped", "grouped", "dynamic", "grouped-16", "checkpointing", "packed-exact", "packed")
+VARIANTS = ("spec", "shipped", "dynamic", "grouped", "grouped-16", "checkpointing", "packed")
 CHARACTER = "lumina"
 WINDOW_END = datetime(2026, 11, 26, tzinfo=UTC)
 
@@ -71,27 +69,6 @@ def prepare_records(workdir: Path, model_path: Path, sessions: int, seed: int) -
 
 
 # -- one variant (worker process) -------------------------------------------------------------------------------------
-
-
-class PackingCollator:
-    """One pad-free row per batch: the examples back to back, position ids restarting at each example.
-
-    With no attention mask and restarting position ids, transformers builds a block-diagonal causal mask, so each
-    example attends only to itself — the same computation as separate rows, minus the padding.
-    """
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        ids = [t for f in features for t in f["input_ids"]]
-        labels = [t for f in features for t in f["labels"]]
-        positions = [p for f in features for p in range(len(f["input_ids"]))]
-        return {
-            "input_ids": torch.tensor([ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
-            "use_cache": False,  # a cache would switch off the packed-sequence mask
-        }
 
 
 def chunked_dataset(width: int) -> Any:
@@ -146,17 +123,16 @@ def apply_variant(variant: str, model: Any, train_module: Any, mean_len: int) ->
     if variant == "spec":
         return {"padding": "max_length", "loss_on_prompt": True, "group_by_length": False}
     if variant == "grouped":
-        return {"group_by_length": True}
+        return {"padding": "longest", "group_by_length": True}
     if variant == "dynamic":
-        return {"group_by_length": False}
+        return {"padding": "longest"}
     if variant == "checkpointing":
         # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen under LoRA).
         model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    elif variant == "packed-exact":
-        train_module.make_collator = lambda *_, **__: PackingCollator()
     elif variant == "packed":
         train_module.build_dataset = chunked_dataset(mean_len)
+        return {"padding": "longest"}  # rows of one width: no padding, plain causal attention
     elif variant == "grouped-16":
         from transformers import Trainer
 
@@ -165,6 +141,7 @@ def apply_variant(variant: str, model: Any, train_module: Any, mean_len: int) ->
             return SmallGroupSampler(data["length"], trainer.args.per_device_train_batch_size, trainer.args.seed)
 
         Trainer._get_train_sampler = sampler
+        return {"padding": "longest"}
     return {}
 
 
@@ -330,13 +307,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if args.quick:
         args.sessions, args.repeats, args.spec_repeats = 8, 1, 1
-    # The shipped default is one of grouped/dynamic: run it once, as "shipped".
-    from training.train import train_lora
-
-    twin = "grouped" if inspect.signature(train_lora).parameters["group_by_length"].default else "dynamic"
-    if "shipped" in variants and twin in variants:
-        variants.remove(twin)
-        log(f"{twin} is what the trainer ships: measured once, as shipped")
     model_path = Path(args.base_model) if args.base_model else ensure_embedded_model()
     with tempfile.TemporaryDirectory(prefix="bench-train-data-") as tmp:
         workdir = Path(tmp)

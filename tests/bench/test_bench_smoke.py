@@ -1,7 +1,8 @@
 """Smoke tests of the benchmarks (bench/): they start, and their yardsticks compute what they claim.
 
-No timing is asserted here: benchmarks measure, tests check. The packed "ceiling" of bench/train_throughput.py is
-only a fair yardstick if it computes the same loss on the same tokens as padded batches; that is checked exactly.
+No timing is asserted here: benchmarks measure, tests check. The packed "ceiling" of bench/train_throughput.py must
+keep every token of the examples; that the shipped pad-free rows give the padded loss is checked in
+tests/trainer/test_packing.py.
 """
 
 from __future__ import annotations
@@ -50,17 +51,6 @@ def tiny() -> tuple[Any, Any, list[dict[str, Any]]]:
         {"instruction": "tea?", "input": "", "output": "brew it with water that is not too hot"},
     ]
     return tokenizer, model, [tokenize_example(r, tokenizer, 512) for r in records]
-
-
-def test_packed_row_has_the_loss_of_padded_rows(tiny: tuple[Any, Any, list[dict[str, Any]]]) -> None:
-    import torch
-    from training.train import make_collator
-
-    tokenizer, model, features = tiny
-    with torch.no_grad():
-        packed = model(**train_throughput.PackingCollator()(features)).loss
-        padded = model(**make_collator(tokenizer, 512)(features)).loss
-    assert torch.allclose(packed, padded, atol=1e-5)
 
 
 def test_chunked_dataset_keeps_every_token(tiny: tuple[Any, Any, list[dict[str, Any]]]) -> None:

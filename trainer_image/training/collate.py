@@ -2,8 +2,9 @@
 
 Each example is the prompt and the reply as ``training.prompt`` builds them (the chat template, or the spec's Alpaca
 text; the reply ends with EOS). Labels are ``-100`` on the prompt (and on
-padding), so the loss is only on the reply the character should produce. Batches are padded to their longest member,
-not to ``max_length``; on chat data (short, similar lengths) that leaves about a quarter of a random batch as padding.
+padding), so the loss is only on the reply the character should produce. Training batches carry no padding at all
+(:class:`FlatteningCollator`: one row per batch, examples back to back); padded to their longest member instead, a
+random batch of chat pairs would be about a quarter padding.
 
 The spec's original setup (every example padded to 512, loss on prompt and reply) is still expressible with
 ``padding="max_length"`` and ``loss_on_prompt=True``, only so that benchmarks can compare the two honestly.
@@ -78,3 +79,30 @@ class CompletionCollator:
             labels[row, :n] = torch.tensor(feature["labels"], dtype=torch.long)
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class FlatteningCollator:
+    """Packs a batch into one row without padding: the examples back to back, position ids restarting at each one.
+
+    With no attention mask and restarting position ids, transformers attends only inside each example (a
+    block-diagonal causal mask, or flash-attention's variable-length kernel), so the loss is the padded batch's
+    without computing the padding. Only for training: nothing may reuse a cache across the packed examples.
+    """
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for feature in features:
+            input_ids += feature["input_ids"]
+            # An example's first label would be predicted from the previous example's last token; in a padded row
+            # the shift drops it anyway.
+            labels += [IGNORE_INDEX, *feature["labels"][1:]]
+            positions += range(len(feature["input_ids"]))
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "use_cache": False,  # with a cache, transformers would not derive the per-example mask
+        }

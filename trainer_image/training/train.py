@@ -1,8 +1,9 @@
-"""The training loop: transformers ``Trainer`` over a peft model, loss on replies only, dynamically padded batches.
+"""The training loop: transformers ``Trainer`` over a peft model, loss on replies only, pad-free batches.
 
-Batches are drawn in random order. Length-grouped batches were measured (docs/benchmarks.md §1): 15 % faster on chat
-data, but every batch is then homogeneous and the held-out loss after the same epochs came out worse on every seed
-tried, so quality wins.
+Batches are drawn in random order, and each is packed into one row without padding (``FlatteningCollator``) where
+the model gives the padded loss that way (checked on the run's first examples). Length-grouped batches were measured
+too (docs/benchmarks.md §1): they leave little padding, but every batch is then homogeneous and the held-out loss
+after the same epochs came out worse on every seed tried; packing removes the padding without that cost.
 
 ``Trainer`` (through accelerate) handles one process per GPU when started with ``torchrun``/``accelerate launch``;
 nothing here depends on the number of processes.
@@ -29,7 +30,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from .collate import CompletionCollator, tokenize_example
+from .collate import CompletionCollator, FlatteningCollator, tokenize_example
 from .pausing import pause_point
 from .prompt import PromptFormat
 
@@ -69,6 +70,39 @@ def make_collator(
     # Multiples of 8 keep GPU matmuls on tensor cores; on the CPU they would only add padding.
     multiple = 8 if torch.cuda.is_available() and padding == "longest" else None
     return CompletionCollator(pad_token_id=pad_id, padding=padding, max_length=max_length, pad_to_multiple_of=multiple)
+
+
+def train_collator(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    max_length: int,
+    padding: Literal["none", "longest", "max_length"],
+) -> CompletionCollator | FlatteningCollator:
+    """The training batches' collator: for ``"none"`` pad-free rows if the model computes the padded loss from them,
+    otherwise (an attention that ignores restarting position ids would let packed examples see each other) padded."""
+    padded = make_collator(tokenizer, max_length, "longest" if padding == "none" else padding)
+    if padding != "none":
+        return padded
+    sample = [dataset[i] for i in range(min(4, len(dataset)))]
+    flat = FlatteningCollator()
+    if packing_matches_padding(model, padded(sample), flat(sample)):
+        return flat
+    log.warning("%s: packed rows do not give the padded loss; training on padded batches", type(model).__name__)
+    return padded
+
+
+def packing_matches_padding(model: PreTrainedModel, padded: Mapping[str, Any], flat: Mapping[str, Any]) -> bool:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # dropout off: both passes must see the same weights
+    try:
+        with torch.no_grad():
+            losses = [model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss
+                      for batch in (padded, flat)]
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(losses[0], losses[1], rtol=1e-4, atol=1e-5))
 
 
 class ThroughputLogger(TrainerCallback):
@@ -130,6 +164,7 @@ def _training_arguments(
     logging_steps: int,
     precision: Precision,
     group_by_length: bool,
+    padded: bool,
 ) -> TrainingArguments:
     return TrainingArguments(
         output_dir=work_dir,
@@ -151,7 +186,8 @@ def _training_arguments(
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         length_column_name="length",
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        # Pad-free rows have no attention mask to count by, and nothing to leave out.
+        include_num_input_tokens_seen="non_padding" if padded else "all",
         # Every LoRA weight takes part in every step, so DDP need not search for unused parameters.
         ddp_find_unused_parameters=False,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -174,26 +210,28 @@ def train_lora(
     seed: int = 42,
     logging_steps: int = 10,
     prompt_format: PromptFormat | None = None,
-    padding: Literal["longest", "max_length"] = "longest",
+    padding: Literal["none", "longest", "max_length"] = "none",
     loss_on_prompt: bool = False,
     group_by_length: bool = False,
 ) -> tuple[Trainer, TrainStats]:
-    """Train ``model`` (a peft model) in place. ``padding``/``loss_on_prompt``/``group_by_length`` exist so that
-    benchmarks can reproduce the spec's padded-to-512 setup; the product uses the defaults."""
+    """Train ``model`` (a peft model) in place, on pad-free rows (``padding="none"``, see :func:`train_collator`).
+    ``padding="longest"|"max_length"``, ``loss_on_prompt`` and ``group_by_length`` exist so that benchmarks can
+    reproduce the spec's padded-to-512 setup and the alternatives; the product uses the defaults."""
     dataset = build_dataset(
         train_records, tokenizer, max_length, prompt_format=prompt_format, loss_on_prompt=loss_on_prompt
     )
     precision = choose_precision()
+    collator = train_collator(model, tokenizer, dataset, max_length, padding)
     args = _training_arguments(
         work_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
         gradient_accumulation_steps=gradient_accumulation_steps, seed=seed, logging_steps=logging_steps,
-        precision=precision, group_by_length=group_by_length,
+        precision=precision, group_by_length=group_by_length, padded=isinstance(collator, CompletionCollator),
     )
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=make_collator(tokenizer, max_length, padding),
+        data_collator=collator,
         callbacks=[ThroughputLogger(), _TrainPausePoint()],
     )
     # The printer would put every log dict on stdout, whose last line is reserved for the result JSON;
