@@ -63,25 +63,45 @@ _PERSONA_ROLES = (  # (English, Japanese)
     ("You are {name}. Answer everyday questions plainly.", "あなたはアシスタントの{name}です。わかりやすく答えます。"),
     ("You are {name}, a calm assistant.", "あなたは{name}。毎日の小さな相談に答えます。"),
     ("You are a friendly assistant named {name}.", "あなたは落ち着いたアシスタントの{name}です。"),
+    ("You are {name}, a {kind}.", "あなたは{name}。{kind}です。"),
+    ("Your name is {name}. You are a {kind}.", "名前は{name}。{kind}として答えます。"),
+)
+# Characters, not only assistants: a persona that casts the model as a spirit or an explorer is still only a system
+# line to the base model (under the characters' personas it used to drift into corpus prose).
+_PERSONA_KINDS = (  # (English, Japanese)
+    ("cheerful guide", "明るい案内人"), ("kind robot", "やさしいロボット"), ("curious cat", "好奇心いっぱいの猫"),
+    ("quiet librarian", "静かな図書館の司書"), ("spirit of the forest", "森の精霊"), ("young traveller", "若い旅人"),
+    ("wise old wizard", "物知りな魔法使い"), ("lively sea explorer", "元気な海の探検家"),
+    ("gentle fairy", "おだやかな妖精"),
+    ("spirit of the wind", "風の精霊"), ("brave knight", "勇敢な騎士"), ("sleepy dragon", "ねむそうなドラゴン"),
 )
 _PERSONA_TRAITS = (
     ("You like {thing}.", "{thing}が好きです。"),
     ("Your favourite thing is {thing}.", "好きなものは{thing}です。"),
     ("You speak gently and politely.", "やさしく丁寧に話します。"),
     ("You keep your answers short.", "短く答えてください。"),
+    ("You answer in casual, lively words.", "くだけた口調で元気に答えます。"),
+    ("You answer politely, short and clear.", "丁寧な言葉で、短くはっきり答えます。"),
+    ("You are curious about everything.", "何にでも興味があります。"),
 )
 _PERSONA_THINGS = (*((topic.en, topic.ja) for topic in TOPICS), ("the sea", "海"), ("mountains", "山"),
                    ("the moon", "月"), ("clouds", "雲"))
 
 
-def neutral_persona(rng: random.Random) -> str:
-    """A system line for the pretraining dialogue: a name and role, sometimes a like or a manner, in either language."""
+def neutral_persona(rng: random.Random, prose: Sequence[str] = ()) -> str:
+    """A system line for the pretraining dialogue: a name and a role or kind, sometimes a like or a manner or two, now
+    and then a line of ``prose`` (so that unfamiliar text in a persona is still no reason to leave the reply frame),
+    in either language."""
     lang = rng.randrange(2)  # 0: English, 1: Japanese
     name = rng.choice(_PERSONA_NAMES)[lang]
-    persona = rng.choice(_PERSONA_ROLES)[lang].format(name=name)
+    persona = rng.choice(_PERSONA_ROLES)[lang].format(name=name, kind=rng.choice(_PERSONA_KINDS)[lang])
     if rng.random() < 0.6:
-        trait = rng.choice(_PERSONA_TRAITS)[lang].format(thing=rng.choice(_PERSONA_THINGS)[lang])
-        persona += ("", " ")[lang == 0] + trait
+        for trait in rng.sample(_PERSONA_TRAITS, rng.randint(1, 2)):
+            persona += ("", " ")[lang == 0] + trait[lang].format(thing=rng.choice(_PERSONA_THINGS)[lang])
+    if prose and rng.random() < float(RECIPE["persona_prose_share"]):
+        # On a line of its own: joined to the persona's last sentence, the tokenizer would learn merges across the two
+        # (such as "。……") that no reply of the base model ever uses.
+        persona += "\n" + rng.choice(prose)
     return persona
 
 
@@ -90,7 +110,7 @@ CACHE_ENV = "LLMMC_MODEL_CACHE"
 
 # Everything that shapes the built model. Changing any value changes the cache key.
 RECIPE: dict[str, int | float] = {
-    "recipe_version": 7,
+    "recipe_version": 10,
     "seed": 1234,
     "vocab_size": 4096,
     "hidden_size": 128,
@@ -105,6 +125,7 @@ RECIPE: dict[str, int | float] = {
     "corpus_repeats": 4,
     "chat_sessions": 1500,
     "system_share": 0.8,
+    "persona_prose_share": 0.3,
     "alpaca_examples": 1000,
     "block_size": 256,
     "batch_size": 8,
@@ -154,14 +175,14 @@ def render_chat(messages: Sequence[dict[str, str]], *, add_generation_prompt: bo
     )
 
 
-def _chat_documents(seed: int) -> list[str]:
+def _chat_documents(seed: int, prose: Sequence[str]) -> list[str]:
     # Whole sessions, so every assistant turn is trained after its earlier turns, as the chat service renders them.
     rng = random.Random(f"personas:{seed}")
     documents = []
     for turns in generic_sessions(seed, int(RECIPE["chat_sessions"])):
         messages = [{"role": role, "content": text} for role, text in turns]
         if rng.random() < float(RECIPE["system_share"]):
-            messages.insert(0, {"role": "system", "content": neutral_persona(rng)})
+            messages.insert(0, {"role": "system", "content": neutral_persona(rng, prose)})
         documents.append(render_chat(messages))
     return documents
 
@@ -170,20 +191,20 @@ def training_documents() -> list[str]:
     """The pretraining text: the bundled corpus in paragraphs of a few lines (repeated), neutral chat sessions in the
     chat template, and a share of neutral Alpaca-format pairs."""
     documents: list[str] = []
+    files: dict[str, list[str]] = {}
     # Beside this module, not resources.files("devkit"): from the checkout's root, the folder devkit/ that holds the
     # package is also importable as "devkit" (a namespace package, which wins over the editable install).
     corpus = Path(__file__).with_name("corpus")
-    for entry in sorted(corpus.iterdir(), key=lambda item: item.name):
-        if not entry.name.endswith(".txt"):
-            continue
-        lines = [line for line in entry.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for entry in sorted(corpus.glob("*.txt"), key=lambda item: item.name):
+        files[entry.name] = [line for line in entry.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for lines in files.values():
         # Short paragraphs, so the plain text interleaves with dialogue when the blocks are shuffled.
         documents += ["\n".join(lines[i : i + 4]) + EOS_TOKEN for i in range(0, len(lines), 4)]
     # The plain text is small next to the dialogue; repeating it lets the model learn its words well enough that an
     # adapter can use them (a character's voice should be a new way of speaking, not a set of unseen tokens).
     documents *= int(RECIPE["corpus_repeats"])
     seed = int(RECIPE["seed"])
-    documents += _chat_documents(seed)
+    documents += _chat_documents(seed, [line for lines in files.values() for line in lines])
     count = int(RECIPE["alpaca_examples"])
     documents += [format_example(*example) for example in generic_dialogue(seed, count)]
     return documents

@@ -62,7 +62,7 @@ def test_chunked_dataset_keeps_every_token(tiny: tuple[Any, Any, list[dict[str, 
     assert all(row["length"] == 16 for row in list(dataset)[:-1])
 
 
-@pytest.mark.parametrize("script", ["train_throughput", "operator_scale", "chat_latency"])
+@pytest.mark.parametrize("script", ["train_throughput", "operator_scale", "chat_latency", "base_style"])
 def test_script_help(script: str) -> None:
     done = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"], capture_output=True, text=True,
                           timeout=60, cwd=REPO_ROOT)
