@@ -28,12 +28,14 @@ CHARACTERS_FILE = REPO_ROOT / "chat_image" / "chat_service" / "characters.json"
 
 def replies(model: Any, tokenizer: Any, system: str | None, prompts: Sequence[str], sampling: dict[str, Any],
             samples: int) -> tuple[list[str], int]:
-    """``samples`` replies to each prompt (one when greedy) and how many of them ended with the end-of-turn token."""
+    """``samples`` replies to each prompt (one when greedy) and how many of them ended with the end-of-turn token.
+    The prompt is the chat service's own (`chat_service.prompting`), for a new session."""
+    from chat_service.prompting import conversation, render_chat
+
     texts, ended = [], 0
     for prompt in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
+        text = render_chat(tokenizer, conversation(system or "", [], prompt))
+        inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
         for _ in range(samples if sampling.get("do_sample") else 1):
             output = model.generate(**inputs, eos_token_id=tokenizer.eos_token_id,
                                     pad_token_id=tokenizer.pad_token_id, **sampling)
