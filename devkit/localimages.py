@@ -117,7 +117,7 @@ def fill_wheelhouse(dockerfile: Path) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     text = dockerfile.read_text(encoding="utf-8")
     pins = re.findall(r"\bpip==[\w.]+", text)
-    requirements = [arg for source in _copied_sources(dockerfile) if source.name == "requirements.txt"
+    requirements = [arg for source in _copied_sources(dockerfile) if source.name.startswith("requirements")
                     for arg in ("-r", str(source))]
     result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
                              "--dest", str(wheels), "-c", str(REPO_ROOT / "constraints.txt"), *pins,
@@ -143,7 +143,7 @@ def build(name: str, base_id: str) -> Built:
     # over the base's for the RUN steps only, never committed to the image.
     trust = ["--volume", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"] if Path(HOST_CA_BUNDLE).is_file() else []
     result = subprocess.run(
-        ["buildah", "bud", "--isolation", "chroot", "--layers=false", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+        ["buildah", "bud", "--isolation", "chroot", "--layers", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
          "--volume", f"{wheels}:/wheels:ro", "--volume", f"{cache_dir() / 'wheelhouse-pip.conf'}:/etc/pip.conf:ro",
          *trust, "--label", f"{HASH_LABEL}={wanted}",
          "-f", str(dockerfile), "-t", ref, str(REPO_ROOT)], stdout=sys.stderr)
@@ -172,7 +172,7 @@ def built_image_id(ref: str) -> str | None:
 def _node_bins() -> Path:
     state = cp.read_state() or {}
     if not realnode.healthy(state):
-        raise cp.ClusterError("the real node is not running: `make node-up` (python -m devkit.cluster up --real-node)")
+        raise cp.ClusterError("the real node is not running: `make cluster-up` (python -m devkit.cluster up --real-node)")
     return Path(state["node"]["bin_dir"])
 
 

@@ -1,4 +1,5 @@
-"""Static checks of the three image Dockerfiles (no Docker engine needed): multi-stage, pinned, non-root, small.
+"""Static checks of the three image Dockerfiles (no Docker engine needed): multi-stage, pinned, non-root, small, and
+the trainer and chat images sharing their torch layer.
 
 A tiny parser: comment lines dropped, backslash continuations joined, one (INSTRUCTION, arguments) pair per
 instruction, stages split on FROM, global ARGs (before the first FROM) substituted into FROM lines with their
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import re
 import shlex
+from importlib import metadata
 
 import pytest
 from devkit.paths import REPO_ROOT as ROOT
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 DOCKERFILES = ["operator/Dockerfile", "trainer_image/Dockerfile", "chat_image/Dockerfile"]
 
@@ -71,10 +75,17 @@ def dockerfile(request) -> tuple[str, list[list[Instruction]]]:
     return request.param, stages(parse(path.read_text(encoding="utf-8")))
 
 
+# The operator builds its venv in a `builder` stage and copies it out; the trainer and chat images start from the
+# shared `torch` stage and install the rest in place (a copy of the venv would copy torch's ~4 GB into a layer of
+# their own).
+FIRST_STAGE = {"operator/Dockerfile": "builder", "trainer_image/Dockerfile": "torch", "chat_image/Dockerfile": "torch"}
+TORCH_IMAGES = ["trainer_image/Dockerfile", "chat_image/Dockerfile"]
+
+
 def test_multi_stage(dockerfile):
     name, parsed = dockerfile
-    assert len(parsed) >= 2, f"{name}: expected a builder and a runtime stage"
-    assert words(parsed[0][0][1])[-2:] == ["AS", "builder"], f"{name}: first stage should be `AS builder`"
+    assert len(parsed) >= 2, f"{name}: expected a first stage and a runtime stage"
+    assert words(parsed[0][0][1])[-2:] == ["AS", FIRST_STAGE[name]], f"{name}: first stage should be `AS ...`"
 
 
 def test_every_from_has_an_explicit_tag(dockerfile):
@@ -90,15 +101,52 @@ def test_every_from_has_an_explicit_tag(dockerfile):
 
 
 def test_base_image_is_a_build_argument_defaulting_to_the_public_slim_image():
-    # One base for both stages (the venv's python symlink must resolve in the runtime stage), replaceable with a
+    # One base for every stage (the venv's python symlink must resolve in the runtime stage), replaceable with a
     # local one on the real node's path (devkit/base-image/build.sh).
     for name in DOCKERFILES:
         instructions = parse((ROOT / name).read_text(encoding="utf-8"))
         assert global_args(instructions) == {"BASE_IMAGE": "python:3.11.7-slim-bookworm"}, name
         froms = [args for keyword, args in instructions if keyword == "FROM"]
-        assert froms == ["${BASE_IMAGE} AS builder", "${BASE_IMAGE}"], name
-        assert [args for _, args in (stage[0] for stage in stages(instructions))] == [
-            "python:3.11.7-slim-bookworm AS builder", "python:3.11.7-slim-bookworm"], name
+        runtime = "${BASE_IMAGE}" if FIRST_STAGE[name] == "builder" else "torch"
+        assert froms == [f"${{BASE_IMAGE}} AS {FIRST_STAGE[name]}", runtime], name
+
+
+def test_trainer_and_chat_share_the_torch_stage():
+    """Word for word the same, so a layer cache builds it once and both images carry the same layer."""
+    trainer, chat = (stages(parse((ROOT / name).read_text(encoding="utf-8")))[0] for name in TORCH_IMAGES)
+    assert trainer == chat
+    installs = [args for keyword, args in trainer if keyword == "RUN" and "pip install" in args]
+    assert installs[-1].endswith("pip install --no-deps -r /opt/requirements-torch.txt"), installs
+
+
+def _pins(path: str) -> dict[str, str]:
+    lines = (ROOT / path).read_text(encoding="utf-8").splitlines()
+    pairs = [line.split("==") for line in lines if line.strip() and not line.startswith("#")]
+    return {canonicalize_name(name): version for name, version in pairs}
+
+
+def _closure(name: str, extras: frozenset[str] = frozenset(), seen: dict | None = None) -> dict[str, str]:
+    """Every distribution `name` installs here (this venv is built from the same pins), with the extras asked for."""
+    seen = {} if seen is None else seen
+    key, wanted = canonicalize_name(name), set(extras)
+    if key in seen and wanted <= seen[key][1]:
+        return {k: v for k, (v, _) in seen.items()}
+    dist = metadata.distribution(name)
+    seen.setdefault(key, (dist.version, set()))[1].update(wanted)
+    environments = [{"extra": extra} for extra in ("", *seen[key][1])]
+    for line in dist.requires or []:
+        requirement = Requirement(line)
+        if not requirement.marker or any(requirement.marker.evaluate(env) for env in environments):
+            _closure(requirement.name, frozenset(requirement.extras), seen)
+    return {k: v for k, (v, _) in seen.items()}
+
+
+def test_torch_layer_is_torch_and_its_whole_closure_as_constrained():
+    torch_layer = _pins("requirements-torch.txt")
+    assert torch_layer == _closure("torch")  # installed --no-deps: a missing package would not come
+    constrained = _pins("constraints.txt")
+    assert {k: v for k, v in torch_layer.items() if k != "setuptools"} == {
+        k: constrained[k] for k in torch_layer if k != "setuptools"}
 
 
 # Debian bookworm's base-passwd (group.master, passwd.master): every Debian-based image, python:slim included, has
@@ -139,17 +187,20 @@ def test_copy_sources_exist(dockerfile):
                     assert (ROOT / source).exists(), f"{name}: {keyword} source {source} is not in the repository"
 
 
-def test_final_stage_copies_only_the_venv_and_puts_it_on_path(dockerfile):
+def test_final_stage_installs_only_into_the_venv_and_puts_it_on_path(dockerfile):
     name, parsed = dockerfile
     final = parsed[-1]
-    copies = [args for keyword, args in final if keyword == "COPY"]
-    assert copies == ["--from=builder /opt/venv /opt/venv"], f"{name}: the runtime stage should copy only the venv"
-    env = " ".join(args for keyword, args in final if keyword == "ENV")
+    inherited = parsed[0] if FIRST_STAGE[name] == "torch" else []  # `FROM torch` keeps that stage's ENV
+    env = " ".join(args for keyword, args in [*inherited, *final] if keyword == "ENV")
     assert "PATH=/opt/venv/bin:$PATH" in env, f"{name}: `python` must resolve to /opt/venv/bin/python"
     assert "PIP_NO_CACHE_DIR=1" in env, f"{name}: no pip cache in the final image"
-    assert not [args for keyword, args in final if keyword == "RUN" and "pip install" in args], (
-        f"{name}: the runtime stage should install nothing with pip"
-    )
+    copies = [args for keyword, args in final if keyword == "COPY"]
+    if FIRST_STAGE[name] == "builder":
+        assert copies == ["--from=builder /opt/venv /opt/venv"], f"{name}: the runtime stage should copy only the venv"
+        assert not [args for keyword, args in final if keyword == "RUN" and "pip install" in args], (
+            f"{name}: the runtime stage should install nothing with pip")
+    else:
+        assert not [c for c in copies if "--from=" in c], f"{name}: a copy from a stage duplicates its layers"
 
 
 def test_pip_installs_use_the_constraints_file(dockerfile):
@@ -157,8 +208,9 @@ def test_pip_installs_use_the_constraints_file(dockerfile):
     installs = [args for stage in parsed for keyword, args in stage if keyword == "RUN" and "pip install" in args]
     requirement_installs = [args for args in installs if " -r " in args]
     assert requirement_installs, f"{name}: no `pip install -r` found"
-    for args in requirement_installs:
-        assert re.search(r"-c \S*constraints\.txt", args), f"{name}: `{args}` ignores constraints.txt"
+    for args in requirement_installs:  # under constraints.txt, or --no-deps of the fully pinned torch layer
+        assert re.search(r"-c \S*constraints\.txt", args) or args.endswith(
+            "--no-deps -r /opt/requirements-torch.txt"), f"{name}: `{args}` ignores constraints.txt"
     for args in installs:  # the rest: pip itself (pinned) or the package (no unpinned dependencies)
         if args not in requirement_installs:
             assert "pip==" in args or "--no-deps" in args, f"{name}: `{args}` installs something unpinned"
