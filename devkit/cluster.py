@@ -115,10 +115,14 @@ class Cluster:
         self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
                     "PATH": kubectl_dir + os.pathsep + os.environ.get("PATH", "")}
 
+    def command(self, *args: str) -> list[str]:
+        """The command line of the pinned kubectl against this cluster (for a long-running one: a port-forward)."""
+        return [str(kubectl_path()), "--kubeconfig", str(self.kubeconfig), *args]
+
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Runs the pinned kubectl against this cluster; raises ClusterError with its stderr when `check` fails."""
-        cmd = [str(kubectl_path()), "--kubeconfig", str(self.kubeconfig), *args]
+        cmd = self.command(*args)
         result = subprocess.run(cmd, input=input, capture_output=True, text=True, env=self.env, timeout=timeout)
         if check and result.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)} failed (exit {result.returncode}): {result.stderr.strip()}")

@@ -1,13 +1,16 @@
-"""`make demo`: the whole fine-tuning loop on the local control plane, step by step.
+"""`make demo`: the whole fine-tuning loop as real pods on the local cluster, step by step.
 
-control plane up → CRD, RBAC, operator and chat manifests applied from `deploy/embedded` (deploy/ with one chat
-replica on SQLite instead of PostgreSQL) → the operator runs as a local process with its ServiceAccount's token (so
-its RBAC is exercised for real) → the chat Deployment's pod runs as a local process → sample conversations are
-imported through the chat API → the sample `CharacterFineTune` is applied → a run is started now (`kubectl create
-job --from=cronjob/...`) → the trainer pod runs as a local process → the operator gates, promotes and rolls the
-Deployment → the new chat pod serves the adapter → before/after replies and scores are printed.
+control plane and real node up (containerd, runc, kubelet, kube-proxy, CoreDNS: docs/local-cluster.md) → the three
+images built from their Dockerfiles on a local Debian base and imported into the node's containerd
+(devkit.localimages) → devkit.flow, the flow `make kind-e2e` runs on kind too: deploy/embedded, the embedded model on
+its volume, sample conversations through the chat API, a run started now from the operator's CronJob, the trainer
+pod's result from its termination message, the promotion rolling the chat Deployment, replies before and after.
 
-Rerunning is safe: every step converges on what is already there, and each run publishes a new adapter version.
+`--simulated` runs the same loop with the pods as local processes on kwok nodes instead (devkit.podrunner; the
+operator as a process with its ServiceAccount's token, so its RBAC is exercised for real): the quick check that
+`make test` runs on every change (tests/e2e/test_demo.py), without images.
+
+Rerunning is safe: each run starts on a fresh namespace, and each run publishes a new adapter version.
 """
 
 from __future__ import annotations
@@ -22,72 +25,39 @@ import shutil
 import signal
 import sys
 import tempfile
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
-from devkit import conversations
-from devkit.cluster import Cluster, ensure_cluster
-from devkit.harness import (
-    OPERATOR_SA,
-    OperatorProcess,
-    free_port,
-    service_account_kubeconfig,
-    wait_chat_ready,
-    wait_until,
+from devkit import conversations, flow, localimages, realnode
+from devkit.chat_api import PROBES_PER_PROMPT, sample_replies, serving_version
+from devkit.cluster import Cluster, ClusterError, ensure_cluster
+from devkit.flow import (
+    BASE_MODEL_CLAIM,
+    MODEL_DIR,
+    FlowError,
+    Report,
+    Target,
+    import_sample_history,
+    reset,
+    step,
+    wait_promoted,
 )
+from devkit.harness import OPERATOR_SA, OperatorProcess, free_port, service_account_kubeconfig, wait_chat_ready
 from devkit.model import ensure_embedded_model
 from devkit.paths import REPO_ROOT as REPO
 from devkit.paths import SAMPLE_FINETUNE as SAMPLE
 from devkit.podrunner import LocalPod, pvc_local_path, run_pod, start_pod_process, wait_for_pod
 from devkit.rollsim import local_args
+from devkit.waiting import wait_until
 
 NAMESPACE = "llmmultichat"
-BASE_MODEL_CLAIM = "llmmultichat-base-model"
-PROBES_PER_PROMPT = 3
-MODEL_DIR = "tinychat"  # where deploy/ expects the model on that volume (sample baseModel, chat BASE_MODEL)
-
-
-@dataclass
-class CharacterReport:
-    character: str
-    version_before: str | None
-    version_after: str | None
-    style_before: float
-    style_after: float
-    replies_before: list[str]
-    replies_after: list[str]
-    metrics: dict[str, Any]
-
-
-@dataclass
-class DemoResult:
-    resource: dict[str, Any]
-    report: CharacterReport
-    trainer_result: dict[str, Any]
-    operator_metrics: str
-    chat_characters: list[dict[str, Any]] = field(default_factory=list)
-
-
-def step(message: str) -> None:
-    print(f"\n==> {message}", flush=True)
 
 
 def kube_json(cluster: Cluster, *args: str) -> dict[str, Any]:
     return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
-
-
-def reset_namespace(cluster: Cluster) -> None:
-    """Delete the demo's namespace of an earlier run. No operator runs now to honour the resources' cleanup
-    finalizer, and the whole namespace (the chat Deployment with it) goes anyway, so the finalizers are dropped."""
-    if cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode != 0:
-        return
-    for name in cluster.kubectl("-n", NAMESPACE, "get", "cft", "-o", "name").stdout.split():
-        cluster.kubectl("-n", NAMESPACE, "patch", name, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
-    cluster.delete_namespace(NAMESPACE, wait=True)
 
 
 def apply_manifests(cluster: Cluster) -> None:
@@ -153,37 +123,6 @@ def _current_chat_pod(cluster: Cluster, exclude: set[str]) -> str | None:
     return None
 
 
-def import_history(url: str, token: str, messages: list[dict[str, Any]]) -> int:
-    """Send recorded conversations through the chat API's import endpoint, in bounded batches."""
-    imported = 0
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
-        for start in range(0, len(messages), 200):
-            batch = [{k: v for k, v in m.items() if k != "id"} for m in messages[start : start + 200]]
-            response = client.post("/v1/history", json={"messages": batch})
-            response.raise_for_status()
-            imported += len(response.json()["ids"])
-    return imported
-
-
-def sample_replies(url: str, character: str, prompts: list[str]) -> list[str]:
-    """:data:`PROBES_PER_PROMPT` replies to each prompt, each in a new session, sampled as the service serves them
-    (the character's temperature): a style score over 8 replies moves in steps of 0.125, too coarse for a 0.1 bar."""
-    replies = []
-    with httpx.Client(base_url=url, timeout=120) as client:
-        for index, prompt in enumerate(prompts):
-            for probe in range(PROBES_PER_PROMPT):
-                body = {"character": character, "session_id": f"demo-probe-{index}-{probe}", "message": prompt}
-                response = client.post("/v1/chat", json=body)
-                response.raise_for_status()
-                replies.append(response.json()["reply"])
-    return replies
-
-
-def serving_version(url: str, character: str) -> str | None:
-    characters = httpx.get(f"{url}/v1/characters", timeout=10).json()["characters"]
-    return next(c.get("adapter_version") for c in characters if c["name"] == character)
-
-
 def apply_sample(cluster: Cluster, history_url: str) -> dict[str, Any]:
     """The sample resource as shipped, pointed at the locally running chat service."""
     resource = yaml.safe_load(SAMPLE.read_text())
@@ -193,7 +132,7 @@ def apply_sample(cluster: Cluster, history_url: str) -> dict[str, Any]:
     return resource
 
 
-def run_training_now(cluster: Cluster, name: str, character: str) -> dict[str, Any]:
+def run_training_now(cluster: Cluster, name: str) -> dict[str, Any]:
     cronjob = f"{name}-finetune"
     wait_until(f"CronJob {cronjob}", lambda: _exists(cluster, "cronjob", cronjob), timeout=60)
     job = f"{name}-now-{datetime.now(UTC):%Y%m%d%H%M%S}"
@@ -203,108 +142,77 @@ def run_training_now(cluster: Cluster, name: str, character: str) -> dict[str, A
     result = run_pod(cluster, NAMESPACE, pod, env_overrides={"HF_HUB_OFFLINE": "1"}, timeout=1800, echo=sys.stdout)
     if result.exit_code != 0:
         raise RuntimeError(f"trainer failed ({result.exit_code}): {result.message}\n{result.stderr[-3000:]}")
-    return json.loads(result.message)
+    trainer_result = json.loads(result.message)
+    print(f"    trainer: {trainer_result['outcome']} {trainer_result.get('version')}")
+    if trainer_result["outcome"] != "trained":
+        raise RuntimeError(f"trainer did not train: {trainer_result.get('reason')}")
+    return trainer_result
 
 
 def _exists(cluster: Cluster, kind: str, name: str) -> bool:
     return cluster.kubectl("-n", NAMESPACE, "get", kind, name, check=False).returncode == 0
 
 
-def wait_ready_on(cluster: Cluster, name: str, version: str) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        resource = kube_json(cluster, "-n", NAMESPACE, "get", "cft", name)
-        status = resource.get("status", {})
-        if status.get("phase") in {"RolloutFailed", "Failed"}:
-            raise RuntimeError(f"{name} ended {status['phase']}: {json.dumps(status.get('conditions'))}")
-        last_run = status.get("lastRun") or {}
-        if last_run.get("version") == version and last_run.get("outcome") in {"rejected", "failed", "skipped"}:
-            outcome, reason = last_run["outcome"], last_run.get("reason")
-            raise RuntimeError(f"the operator did not promote {version}: {outcome}: {reason}")
-        if status.get("phase") == "Ready" and status.get("servingVersion") == version:
-            return resource
-        return None
-
-    return wait_until(f"{name} Ready serving {version}", probe, timeout=300)
-
-
-def run_demo(cluster: Cluster, workdir: Path, *, sessions: int = 160) -> DemoResult:
+def run_simulated(cluster: Cluster, workdir: Path, *, sessions: int = 160) -> Report:
+    """The loop with the operator, chat and trainer pods as local processes (see the module's docstring)."""
+    started = time.monotonic()
+    target = Target(cluster, NAMESPACE)
     step("Embedded base model (built once, then cached)")
     model = ensure_embedded_model()
-    print(f"    {model}")
-
-    step(f"Fresh namespace {NAMESPACE} (a rerun starts over: base model serving, no adapters)")
-    reset_namespace(cluster)
-
-    step("CRD, RBAC, operator and chat manifests from deploy/embedded (one chat replica, SQLite)")
+    step(f"Fresh namespace {NAMESPACE}; deploy/embedded (one chat replica, SQLite); the model on its volume")
+    reset(target)
     apply_manifests(cluster)
     token = set_history_token(cluster)
     place_base_model(cluster, model)
-
-    resource_name = yaml.safe_load(SAMPLE.read_text())["metadata"]["name"]
+    resource = yaml.safe_load(SAMPLE.read_text())
+    character, name = resource["spec"]["character"], resource["metadata"]["name"]
+    prompts = conversations.held_out_prompts(character)
     with operator_process(cluster, workdir).start(standalone=False) as operator:
         step("Chat service: the chat Deployment's pod as a local process")
         chat, chat_pod, url = start_chat(cluster, free_port())
         try:
-            character = yaml.safe_load(SAMPLE.read_text())["spec"]["character"]
             step(f"Sample conversations for {character} and sora, imported through the chat API")
-            now = datetime.now(UTC)
-            for name, seed in ((character, 1), ("sora", 2)):
-                history = conversations.generate_history(
-                    name, sessions=sessions, seed=seed, start=now - timedelta(days=25), end=now - timedelta(minutes=1)
-                )
-                print(f"    {name}: {import_history(url, token, history)} messages")
-
-            prompts = conversations.held_out_prompts(character)
-            version_before = serving_version(url, character)
-            replies_before = sample_replies(url, character, prompts)
-
+            import_sample_history(url, token, character, sessions)
+            version_before, replies_before = serving_version(url, character), sample_replies(url, character, prompts)
             step("Apply deploy/samples/finetune.yaml and train now (kubectl create job --from=cronjob/...)")
-            apply_sample(cluster, url)
-            trainer_result = run_training_now(cluster, resource_name, character)
-            print(f"    trainer: {trainer_result['outcome']} {trainer_result.get('version')}")
-            if trainer_result["outcome"] != "trained":
-                raise RuntimeError(f"trainer did not train: {trainer_result.get('reason')}")
-
+            resource = apply_sample(cluster, url)
+            trainer_result = run_training_now(cluster, name)
             step("Operator gates, promotes and rolls the chat Deployment")
-            resource = wait_ready_on(cluster, resource_name, trainer_result["version"])
-            print(f"    {resource_name}: Ready, serving {trainer_result['version']}")
+            status = wait_promoted(target, name, trainer_result["version"], timeout=300)
         finally:
             chat.stop()
-
         step("Chat service restarted from the rolled pod, now mounting the adapter")
         chat, _, url = start_chat(cluster, free_port(), exclude={chat_pod})
         try:
-            version_after = serving_version(url, character)
-            replies_after = sample_replies(url, character, prompts)
-            chat_characters = httpx.get(f"{url}/v1/characters", timeout=10).json()["characters"]
+            version_after, replies_after = serving_version(url, character), sample_replies(url, character, prompts)
         finally:
             chat.stop()
-        operator_metrics = operator.metrics()
-
-    report = CharacterReport(
-        character=character,
-        version_before=version_before,
-        version_after=version_after,
-        style_before=conversations.style_score(character, replies_before),
-        style_after=conversations.style_score(character, replies_after),
-        replies_before=replies_before,
-        replies_after=replies_after,
-        metrics=trainer_result["metrics"],
-    )
-    return DemoResult(resource, report, trainer_result, operator_metrics, chat_characters)
+        metrics = operator.metrics()
+    return Report(resource, trainer_result, status, {}, version_before, version_after, replies_before,
+                  replies_after, metrics, time.monotonic() - started)
 
 
-def print_summary(cluster: Cluster, result: DemoResult) -> None:
-    report = result.report
+def run_on_real_node(cluster: Cluster, *, sessions: int = 160) -> Report:
+    step("The project's images, built here and imported into the node (rebuilt only when their content changed)")
+    if localimages.main([]) != 0:
+        raise RuntimeError("building or importing the images failed; see the output above")
+    return flow.run(Target(cluster, NAMESPACE, realnode.PLACEMENT), sessions=sessions)
+
+
+def print_summary(cluster: Cluster, report: Report) -> None:
     step("kubectl get characterfinetunes")
     print(cluster.kubectl("-n", NAMESPACE, "get", "cft").stdout)
-    metrics = report.metrics
+    metrics = report.trainer_result["metrics"]
     step("The run")
     print(f"    serving version     {report.version_before or '(base)'} -> {report.version_after}")
     print(f"    eval loss           base {metrics['eval_loss_base']:.3f} -> adapter {metrics['eval_loss_adapter']:.3f}")
-    print(f"    style score         {report.style_before:.2f} -> {report.style_after:.2f}")
+    print(f"    style score         {report.style(report.replies_before):.2f} -> "
+          f"{report.style(report.replies_after):.2f}")
     print(f"    tokens/s            {metrics.get('tokens_per_second', 0):.0f}")
-    print(f"    training run        {metrics.get('duration_seconds', 0):.0f}s")
+    print(f"    training run        {metrics.get('duration_seconds', 0):.0f}s (the whole loop {report.seconds:.0f}s)")
+    for role, pod in report.pods.items():
+        status = pod["status"]["containerStatuses"][0]
+        print(f"    {role + ' pod':<19} {pod['metadata']['name']} on {pod['spec']['nodeName']}: {status['image']}")
     step("Replies before / after (the first of each prompt's)")
     pairs = zip(report.replies_before, report.replies_after, strict=True)
     for before, after in itertools.islice(pairs, 0, None, PROBES_PER_PROMPT):
@@ -314,16 +222,25 @@ def print_summary(cluster: Cluster, result: DemoResult) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devkit.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=160, help="generated chat sessions per character")
+    parser.add_argument("--simulated", action="store_true",
+                        help="pods as local processes on kwok nodes: no real node, no images")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Stopped with SIGTERM, still stop the operator and chat processes it started (their `finally` blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    step("Local control plane (make cluster-up)")
-    cluster = ensure_cluster()
-    with tempfile.TemporaryDirectory(prefix="llmmc-demo-") as tmp:
-        result = run_demo(cluster, Path(tmp), sessions=args.sessions)
-    print_summary(cluster, result)
-    print("\nDone. The control plane keeps running for `kubectl --kubeconfig .cluster/kubeconfig ...`;"
+    step("Local control plane" + ("" if args.simulated else " and real node") + " (make cluster-up)")
+    cluster = ensure_cluster(real_node=not args.simulated)
+    try:
+        if args.simulated:
+            with tempfile.TemporaryDirectory(prefix="llmmc-demo-") as tmp:
+                report = run_simulated(cluster, Path(tmp), sessions=args.sessions)
+        else:
+            report = run_on_real_node(cluster, sessions=args.sessions)
+    except (FlowError, ClusterError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_summary(cluster, report)
+    print("\nDone. The cluster keeps running for `kubectl --kubeconfig .cluster/kubeconfig ...`;"
           " `make cluster-down` stops it.")
     return 0
 

@@ -1,10 +1,12 @@
 """A real node beside the local control plane: containerd + runc + CNI, a kubelet, kube-proxy and CoreDNS, all on
 this machine.
 
-The kwok nodes stay as they are (the simulated path: podrunner tests, the demo, GPU scheduling). The real node is
+The kwok nodes stay as they are (the simulated path: podrunner tests, the simulated demo, GPU scheduling). The real
+node is
 `real-node-1`, labelled and tainted `llmmultichat.io/real-node=true:NoSchedule`: only pods that select and tolerate
-it land there, and containerd really runs them from images imported into its `k8s.io` namespace (no registry).
-Started by `python -m devkit.cluster up --real-node` (`make node-up`), stopped with the cluster (`make cluster-down`).
+it land there (PLACEMENT), and containerd really runs them from images imported into its `k8s.io` namespace (no
+registry). Started by `python -m devkit.cluster up --real-node` (`make cluster-up`, `make demo`), stopped with the
+cluster (`make cluster-down`).
 
 Everything lives under `<cluster state>/node/`: containerd's root (images, kept across restarts) and state, the CNI
 config and IPAM data, the kubelet's root, pod logs, certificates and config. The pod network is the bridge `llmmc0`
@@ -40,6 +42,7 @@ NODE_LABEL = "llmmultichat.io/real-node"
 # What a pod needs to land on the real node (and nothing else does: kwok's pods cannot tolerate what they never see).
 NODE_SELECTOR = {NODE_LABEL: "true"}
 TOLERATION = {"key": NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+PLACEMENT = {"nodeSelector": NODE_SELECTOR, "tolerations": [TOLERATION]}  # pod spec fields: only there
 BRIDGE = "llmmc0"
 SUBNET = "10.250.0.0/24"
 NODE_IP = cp.NODE_IP
