@@ -19,6 +19,8 @@ def rendered(tmp_path: Path, namespace: str, placement: dict[str, Any]) -> list[
     return flow.render(flow.Target(offline, namespace, placement))
 
 
+# The pinned kubectl's kustomize, which `make control-plane` builds with the control plane: no cluster is started.
+@pytest.mark.cluster
 def test_render_moves_everything_into_the_namespace_and_places_every_deployment(tmp_path: Path) -> None:
     objects = rendered(tmp_path, "elsewhere", PLACEMENT)
     namespaced = [o for o in objects if "namespace" in o["metadata"]]
@@ -36,6 +38,7 @@ def test_render_moves_everything_into_the_namespace_and_places_every_deployment(
     assert {s["namespace"] for s in binding["subjects"]} == {"elsewhere"}
 
 
+@pytest.mark.cluster
 def test_render_in_the_deployed_namespace_keeps_deploy_as_it_is_but_for_placement(tmp_path: Path) -> None:
     objects = rendered(tmp_path, flow.DEPLOYED_NS, {})
     binding = next(o for o in objects if o["kind"] == "ClusterRoleBinding")
