@@ -172,7 +172,8 @@ def built_image_id(ref: str) -> str | None:
 def _node_bins() -> Path:
     state = cp.read_state() or {}
     if not realnode.healthy(state):
-        raise cp.ClusterError("the real node is not running: `make cluster-up` (python -m devkit.cluster up --real-node)")
+        raise cp.ClusterError("the real node is not running: `make cluster-up` "
+                              "(python -m devkit.cluster up --real-node)")
     return Path(state["node"]["bin_dir"])
 
 
