@@ -26,7 +26,6 @@ import signal
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,9 @@ from devkit.flow import (
     Report,
     Target,
     import_sample_history,
+    require_trained,
     reset,
+    start_job_now,
     step,
     wait_promoted,
 )
@@ -133,24 +134,13 @@ def apply_sample(cluster: Cluster, history_url: str) -> dict[str, Any]:
 
 
 def run_training_now(cluster: Cluster, name: str) -> dict[str, Any]:
-    cronjob = f"{name}-finetune"
-    wait_until(f"CronJob {cronjob}", lambda: _exists(cluster, "cronjob", cronjob), timeout=60)
-    job = f"{name}-now-{datetime.now(UTC):%Y%m%d%H%M%S}"
-    cluster.kubectl("-n", NAMESPACE, "create", "job", f"--from=cronjob/{cronjob}", job)
+    job = start_job_now(Target(cluster, NAMESPACE), name)
     pod = wait_for_pod(cluster, NAMESPACE, f"job-name={job}", phase="Running", timeout=120)
     print(f"    job {job}: trainer pod {pod} runs as a local process", flush=True)
     result = run_pod(cluster, NAMESPACE, pod, env_overrides={"HF_HUB_OFFLINE": "1"}, timeout=1800, echo=sys.stdout)
     if result.exit_code != 0:
         raise RuntimeError(f"trainer failed ({result.exit_code}): {result.message}\n{result.stderr[-3000:]}")
-    trainer_result = json.loads(result.message)
-    print(f"    trainer: {trainer_result['outcome']} {trainer_result.get('version')}")
-    if trainer_result["outcome"] != "trained":
-        raise RuntimeError(f"trainer did not train: {trainer_result.get('reason')}")
-    return trainer_result
-
-
-def _exists(cluster: Cluster, kind: str, name: str) -> bool:
-    return cluster.kubectl("-n", NAMESPACE, "get", kind, name, check=False).returncode == 0
+    return require_trained(json.loads(result.message))
 
 
 def run_simulated(cluster: Cluster, workdir: Path, *, sessions: int = 160) -> Report:

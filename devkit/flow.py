@@ -261,13 +261,27 @@ def apply_finetune(target: Target, history_url: str) -> dict[str, Any]:
     return resource
 
 
-def train_now(target: Target, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A run started now from the operator's CronJob; returns the trainer pod and its termination message, parsed."""
+def start_job_now(target: Target, name: str) -> str:
+    """`kubectl create job --from=cronjob/<name>-finetune` once the operator has made the CronJob; the Job's name."""
     cronjob = f"{name}-finetune"
     wait_until(f"the operator's CronJob {cronjob}", lambda: target.run(
         "get", "cronjob", cronjob, check=False).returncode == 0, timeout=120)
-    job = f"{name}-now-{datetime.now(UTC):%H%M%S}"
+    job = f"{name}-now-{datetime.now(UTC):%Y%m%d%H%M%S}"
     target.run("create", "job", f"--from=cronjob/{cronjob}", job)
+    return job
+
+
+def require_trained(result: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's result, printed; a run that did not train ends the flow with the trainer's reason."""
+    print(f"    trainer: {result['outcome']} {result.get('version')}", flush=True)
+    if result["outcome"] != "trained":
+        raise FlowError(f"the trainer did not train: {result.get('reason')}")
+    return result
+
+
+def train_now(target: Target, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run started now from the operator's CronJob; returns the trainer pod and its termination message, parsed."""
+    job = start_job_now(target, name)
 
     def finished() -> dict[str, Any] | None:
         pods = target.get("pods", "-l", f"job-name={job}")["items"]
@@ -326,9 +340,8 @@ def run(target: Target, *, sessions: int = 160) -> Report:
     # The trainer pod reads the history at the chat Service's DNS name, as on any cluster.
     resource = apply_finetune(target, f"http://chat.{target.namespace}.svc:8000")
     pods["trainer"], result = train_now(target, name)
-    print(f"    trainer pod {pods['trainer']['metadata']['name']}: {result['outcome']} {result.get('version')}")
-    if result["outcome"] != "trained":
-        raise FlowError(f"the trainer did not train: {result.get('reason')}")
+    print(f"    trainer pod {pods['trainer']['metadata']['name']} on {pods['trainer']['spec']['nodeName']}")
+    require_trained(result)
     step("The operator gates, promotes and rolls the chat Deployment")
     status = wait_promoted(target, name, result["version"])
     pods["rolled_chat"] = ready_pod(target, CHAT, exclude=frozenset({pods["chat"]["metadata"]["name"]}))
